@@ -1,0 +1,35 @@
+# Two entry points, both self-contained on a fresh machine with Python 3.11 and pip:
+#   make demo   set up .venv, then build a tiny Llama-3.1, export to HF, reload in transformers
+#   make test   set up .venv, then run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: demo test lint bench-forward clean
+
+$(STAMP): pyproject.toml requirements/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo_parity.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check nemotron_jax tools tests benchmarks experiments
+
+bench-forward: $(STAMP)
+	$(PY) benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,546 @@
+"""Llama-3.1 decoder in Flax Linen, computing what Hugging Face's `LlamaForCausalLM` computes.
+
+Pure-functional: parameters are a plain nested dict and a forward pass is
+
+    logits = Llama(config).apply({"params": params}, tokens, attention_mask=mask)   # [B, T, V]
+
+Parameter names mirror HF (`embed_tokens`, `q_proj`, ..., `lm_head`) so conversion is a rename
+plus a transpose or reshape (`nemotron_jax/convert/hf_llama.py`). Layers are stacked on a leading
+axis of length L by `nn.scan`. RoPE uses HF's rotate-half layout, so HF q/k weights load as they
+are, with no permutation.
+
+Einsum letters used throughout:
+    B batch            T query length       S key/value length
+    D hidden size      N query heads        K key/value heads     G = N / K query heads per K
+    H head dim         F MLP size           V vocabulary          L layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "llama3")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# Finite, so that a row with every key masked gives a uniform softmax rather than NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture and numerics of a Llama-3.x decoder. Frozen and hashable (a jit static)."""
+
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    rope_theta: float = 500000.0
+    # "default" is plain RoPE; "llama3" applies Llama-3.1's frequency scaling below.
+    rope_type: str = "llama3"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 128000
+    eos_token_id: tuple[int, ...] = (128001, 128008, 128009)
+    pad_token_id: int | None = None
+    # Storage dtype of the parameters and dtype of activations / matmul inputs. Matmuls always
+    # accumulate in float32; RMSNorm statistics, softmax and logits are float32.
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # Activation rematerialisation per layer: "none", "full" (save nothing) or "dots".
+    remat: str = "none"
+
+    def __post_init__(self):
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ConfigError(
+                    f"unsupported {field} {getattr(self, field)!r}; choose from {list(DTYPES)}"
+                )
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope type {self.rope_type!r}; supported: {list(ROPE_TYPES)}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        else:
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown LlamaConfig field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+        return PRESETS[name].replace(**overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown LlamaConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    # --- Hugging Face config.json ---------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+        """Reads an HF `config.json` dict: hub form (`rope_scaling` + `rope_theta`) or the
+        transformers-v5 form (`rope_parameters`). Settings this model cannot honour raise."""
+        return cls(**{**_fields_from_hf(hf), **overrides})
+
+    def to_hf(self, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:
+        """The HF `config.json` dict, in the hub form that real Llama-3.1 checkpoints use
+        (`rope_scaling` + `rope_theta`); transformers v4 and v5 both read it."""
+        rope_scaling = None
+        if self.rope_type == "llama3":
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": self.rope_factor,
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_position_embeddings,
+            }
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        return {
+            "architectures": [architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+            "initializer_range": 0.02,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+            "use_cache": True,
+        }
+
+
+# HF config keys whose value must be exactly this for the model here to be the same model.
+_HF_REQUIRED = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+}
+
+
+def _fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConfigError(f"config.json model_type is {model_type!r}; only 'llama' is supported")
+    for key, want in _HF_REQUIRED.items():
+        if key in hf and hf[key] != want:
+            raise ConfigError(f"unsupported config field {key}={hf[key]!r} (need {want!r})")
+    for key in ("sliding_window", "layer_types", "quantization_config"):
+        if hf.get(key) not in (None, [], {}) and not (
+            key == "layer_types" and set(hf[key]) <= {"full_attention"}
+        ):
+            raise ConfigError(f"unsupported config field {key}={hf[key]!r}")
+    try:
+        heads = hf["num_attention_heads"]
+        fields = {
+            "vocab_size": hf["vocab_size"],
+            "hidden_size": hf["hidden_size"],
+            "intermediate_size": hf["intermediate_size"],
+            "num_layers": hf["num_hidden_layers"],
+            "num_heads": heads,
+            "num_kv_heads": hf.get("num_key_value_heads") or heads,
+        }
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+    fields["head_dim"] = hf.get("head_dim") or fields["hidden_size"] // heads
+    fields["rms_norm_eps"] = hf.get("rms_norm_eps", 1e-6)
+    fields["max_position_embeddings"] = hf.get("max_position_embeddings", 2048)
+    fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False))
+    if hf.get("bos_token_id") is not None:
+        fields["bos_token_id"] = hf["bos_token_id"]
+    if hf.get("eos_token_id") is not None:
+        eos = hf["eos_token_id"]
+        fields["eos_token_id"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    fields["pad_token_id"] = hf.get("pad_token_id")
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported config field torch_dtype={dtype!r}; use {list(DTYPES)}")
+    fields["param_dtype"] = fields["dtype"] = dtype
+
+    # transformers v5 nests everything, rope_theta included, under rope_parameters.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    fields["rope_theta"] = float(theta)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported rope type {rope_type!r} in config.json; supported: {list(ROPE_TYPES)}"
+        )
+    if rope.get("attention_factor") not in (None, 1, 1.0):
+        raise ConfigError(f"unsupported rope attention_factor={rope['attention_factor']!r}")
+    fields["rope_type"] = rope_type
+    if rope_type == "llama3":
+        try:
+            fields["rope_factor"] = float(rope["factor"])
+            fields["rope_low_freq_factor"] = float(rope["low_freq_factor"])
+            fields["rope_high_freq_factor"] = float(rope["high_freq_factor"])
+            fields["rope_original_max_position_embeddings"] = int(
+                rope["original_max_position_embeddings"]
+            )
+        except KeyError as e:
+            raise ConfigError(f"llama3 rope scaling lacks field {e.args[0]!r}") from None
+    return fields
+
+
+_LLAMA31 = dict(vocab_size=128256, head_dim=128, num_kv_heads=8, rope_theta=500000.0)
+PRESETS: dict[str, LlamaConfig] = {
+    # A few hundred thousand parameters: unit tests, smoke runs and the CPU demos.
+    "tiny": LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+        rope_original_max_position_embeddings=256, bos_token_id=2, eos_token_id=(3,),
+        pad_token_id=0,
+    ),
+    "llama3.1-8b": LlamaConfig(
+        **_LLAMA31, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32
+    ),
+    "llama3.1-70b": LlamaConfig(
+        **_LLAMA31, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+    ),
+    "llama3.1-405b": LlamaConfig(
+        **_LLAMA31, hidden_size=16384, intermediate_size=53248, num_layers=126, num_heads=128
+    ),
+}
+
+
+# --- RoPE ----------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with Llama-3.1 scaling when rope_type is llama3.
+
+    Follows transformers' `_compute_llama3_parameters` step for step (float32 throughout), so the
+    angles match HF's bit for bit up to the last ulp of `pow`.
+    """
+    h = config.head_dim
+    exponents = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if config.rope_type == "default":
+        return inv_freq
+    factor = config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_len = config.rope_original_max_position_embeddings
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    # Boundary wavelengths count as "medium", as in HF.
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B, T, H] (float32) for integer positions [B, T]."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # rotate-half layout
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, H] rotated by position; computed in float32, returned in x.dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+# --- masks and positions -------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions [B, T] counting only real tokens: 0, 1, ... from each row's first real token.
+
+    Equal to `arange(T)` for right padding; needed for left-padded prompts.
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def make_attention_mask(
+    q_positions: jax.Array, kv_positions: jax.Array, kv_valid: jax.Array
+) -> jax.Array:
+    """Boolean [B, T, S]: query t may attend key s iff s is a real token not after t.
+
+    Causality is by position, not by index, so the same mask serves a KV cache whose slots hold
+    earlier positions (queries [B, T], cache keys [B, S]).
+    """
+    causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    return causal & kv_valid[:, None, :].astype(bool)
+
+
+# --- layers --------------------------------------------------------------------------------
+
+
+def _init(names: tuple[str, ...], init=nn.initializers.normal(stddev=0.02)):
+    return nn.with_logical_partitioning(init, names)
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """einsum with inputs in the compute dtype and float32 accumulation, cast back to dtype.
+
+    On XLA:CPU a bf16 dot is only fast with a float32 accumulator, and it is more accurate.
+    """
+    return jnp.einsum(
+        eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+    ).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """HF's LlamaRMSNorm: statistics in float32, cast back to the input dtype, then scaled."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        scale = self.param(
+            "scale", _init(("norm",), nn.initializers.ones), (cfg.hidden_size,),
+            DTYPES[cfg.param_dtype],
+        )
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        dtype = DTYPES[cfg.dtype]
+        return scale.astype(dtype) * xf.astype(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE.
+
+    The core `attend(q, k, v, mask)` sees keys/values and a [B, T, S] mask, not the sequence that
+    produced them, so a KV cache only has to supply longer k, v and mask.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.config
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = self.param("q_proj", _init(("embed", "q_heads", "head_dim")), (d, n, h), pdtype)
+        wk = self.param("k_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
+        wv = self.param("v_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
+        wo = self.param("o_proj", _init(("q_heads", "head_dim", "embed")), (n, h, d), pdtype)
+
+        q = apply_rope(_dot("BTD,DNH->BTNH", x, wq, dtype), cos, sin)
+        key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype), cos, sin)
+        value = _dot("BSD,DKH->BSKH", x, wv, dtype)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+        out = attend(q, key, value, mask, dtype)  # [B, T, N, H]
+        return _dot("BTNH,NHD->BTD", out, wo, dtype)
+
+
+def attend(q, k, v, mask, dtype):
+    """Softmax attention, q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
+
+    GQA without repeating K/V in memory: queries are grouped as [B, T, K, G, H]. Scores and the
+    softmax are float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum(
+        "BKGTS,BSKH->BTKGH", probs.astype(dtype), v.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(dtype).reshape(b, t, n, h)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        w_gate = self.param("gate_proj", _init(("embed", "mlp")), (d, f), pdtype)
+        w_up = self.param("up_proj", _init(("embed", "mlp")), (d, f), pdtype)
+        w_down = self.param("down_proj", _init(("mlp", "embed")), (f, d), pdtype)
+        gate = _dot("BTD,DF->BTF", x, w_gate, dtype)
+        up = _dot("BTD,DF->BTF", x, w_up, dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+        return _dot("BTF,FD->BTD", hidden, w_down, dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; the (carry, output) signature is what `nn.scan` expects."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        cfg = self.config
+        x = x + Attention(cfg, name="self_attn")(
+            RMSNorm(cfg, name="input_layernorm")(x), cos, sin, mask
+        )
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))
+        return constrain(x, ("act_batch", "act_seq", "act_embed")), None
+
+
+class Llama(nn.Module):
+    """The decoder plus LM head. `__call__` returns float32 logits [B, T, V].
+
+    Args of `__call__` / `hidden_states`:
+        tokens: int [B, T].
+        positions: int [B, T]; defaults to arange(T), as HF's forward does. Left-padded batches
+            pass `positions_from_mask(attention_mask)`.
+        attention_mask: [B, T], 1 for real tokens and 0 for padding; defaults to all ones.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        pdtype = DTYPES[cfg.param_dtype]
+        self.embed_tokens = self.param(
+            "embed_tokens", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdtype
+        )
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        self.norm = RMSNorm(cfg, name="norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdtype
+            )
+
+    def __call__(self, tokens, *, positions=None, attention_mask=None, return_hidden=False):
+        hidden = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        logits = self.logits(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(self, tokens, *, positions=None, attention_mask=None):
+        """Final-norm hidden states [B, T, D] in the compute dtype (what reward heads read)."""
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), dtype=bool)
+        mask = make_attention_mask(positions, positions, attention_mask)
+        cos, sin = rope_cos_sin(cfg, positions)
+        x = jnp.take(self.embed_tokens, tokens, axis=0).astype(DTYPES[cfg.dtype])
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x, _ = self.layers(x, cos, sin, mask)
+        return self.norm(x)
+
+    def lm_head_matrix(self) -> jax.Array:
+        """The output projection [D, V] (the embedding, transposed, when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.T
+        return self.lm_head
+
+    def logits(self, hidden):
+        """float32 logits [B, T, V] from final hidden states [B, T, D]."""
+        dtype = DTYPES[self.config.dtype]
+        w = self.lm_head_matrix().astype(dtype)
+        logits = jnp.einsum("BTD,DV->BTV", hidden.astype(dtype), w,
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+
+def abstract_params(config: LlamaConfig, *, boxed: bool = False) -> Any:
+    """Parameter shapes and dtypes via `jax.eval_shape`: nothing is allocated, at any size.
+
+    With `boxed=True` the leaves keep their logical-axis metadata (`nn.LogicallyPartitioned`).
+    """
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    variables = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)
+    params = variables["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> Any:
+    """Random parameters (HF's init: normal(0.02) weights, unit norms) as a plain dict."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(jax.jit(Llama(config).init)(rng, tokens)["params"])
+
+
+def count_params(config: LlamaConfig) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
