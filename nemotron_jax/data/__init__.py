@@ -1,0 +1,1 @@
+"""Data: tokenizers and chat templates (HelpSteer2 pipelines join here)."""

@@ -1,0 +1,144 @@
+"""Configs, presets, shapes and masking of the Flax Llama (no transformers needed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.models import Llama, LlamaConfig, count_params, init_params, positions_from_mask
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("llama3.1-8b", 8_030_261_248),
+        ("llama3.1-70b", 70_553_706_496),
+        ("llama3.1-405b", 405_853_388_800),
+    ],
+)
+def test_preset_parameter_counts(name, expected):
+    assert count_params(LlamaConfig.preset(name)) == expected
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown preset 'llama3-8b'; valid presets: \["):
+        LlamaConfig.preset("llama3-8b")
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("dtype", "int8", "unsupported dtype 'int8'"),
+        ("param_dtype", "float64", "unsupported param_dtype"),
+        ("rope_type", "yarn", "unsupported rope type 'yarn'"),
+        ("num_kv_heads", 3, "multiple of num_kv_heads"),
+        ("remat", "some", "unknown remat"),
+    ],
+)
+def test_bad_config_values(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        LlamaConfig.preset("tiny", **{field: value})
+
+
+def test_unknown_field():
+    with pytest.raises(ConfigError, match="unknown LlamaConfig field"):
+        LlamaConfig.preset("tiny", hidden=3)
+
+
+HUB_FORM = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+
+
+def test_from_hf_hub_and_v5_forms_agree():
+    v5 = {k: v for k, v in HUB_FORM.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {**HUB_FORM["rope_scaling"], "rope_theta": 500000.0}
+    hub, new = LlamaConfig.from_hf(HUB_FORM), LlamaConfig.from_hf(v5)
+    assert hub == new
+    assert hub == LlamaConfig.preset("llama3.1-8b", dtype="bfloat16", param_dtype="bfloat16")
+    assert LlamaConfig.from_hf(hub.to_hf()) == hub
+
+
+def test_config_dict_round_trip():
+    cfg = LlamaConfig.preset("tiny")
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+    hash(cfg)  # a jit static argument
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = LlamaConfig.preset("tiny")
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def test_causal(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 10))
+    changed = tokens.copy()
+    changed[0, 6:] = (changed[0, 6:] + 1) % cfg.vocab_size
+    a = Llama(cfg).apply({"params": params}, tokens)
+    b = Llama(cfg).apply({"params": params}, changed)
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
+    assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_right_padding_does_not_change_real_tokens(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(1).integers(4, cfg.vocab_size, (1, 7))
+    padded = np.concatenate([tokens, np.zeros((1, 5), int)], axis=1)
+    mask = (np.arange(12) < 7)[None].astype(np.int32)
+    a = Llama(cfg).apply({"params": params}, tokens)
+    b = Llama(cfg).apply({"params": params}, padded, attention_mask=mask)
+    np.testing.assert_allclose(a, b[:, :7], atol=1e-5)
+
+
+def test_left_padding_with_positions(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(2).integers(4, cfg.vocab_size, (1, 7))
+    padded = np.concatenate([np.zeros((1, 3), int), tokens], axis=1)
+    mask = (np.arange(10) >= 3)[None].astype(np.int32)
+    a = Llama(cfg).apply({"params": params}, tokens)
+    b = Llama(cfg).apply(
+        {"params": params}, padded, attention_mask=mask, positions=positions_from_mask(mask)
+    )
+    np.testing.assert_allclose(a, b[:, 3:], atol=1e-5)
+    assert np.isfinite(np.asarray(b)).all()  # fully masked pad rows: no NaN
+
+
+def test_hidden_states_and_remat(tiny):
+    cfg, params = tiny
+    tokens = np.arange(12).reshape(2, 6)
+    logits, hidden = Llama(cfg).apply({"params": params}, tokens, return_hidden=True)
+    assert hidden.shape == (2, 6, cfg.hidden_size) and logits.shape == (2, 6, cfg.vocab_size)
+    h2 = Llama(cfg).apply({"params": params}, tokens, method=Llama.hidden_states)
+    np.testing.assert_array_equal(hidden, h2)
+
+    def loss(p, c):
+        return jnp.mean(Llama(c).apply({"params": p}, tokens) ** 2)
+
+    g = jax.grad(loss)(params, cfg)
+    g_remat = jax.grad(loss)(params, cfg.replace(remat="full"))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
