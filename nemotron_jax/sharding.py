@@ -81,7 +81,9 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None =
             raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

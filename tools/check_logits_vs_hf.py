@@ -52,9 +52,11 @@ def compare_logits(hf_dir, lengths=(24, 17, 5)) -> tuple[float, float, float]:
     tokens, mask = fixed_batch(config.vocab_size, lengths)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
-        want = model(
-            input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask)
-        ).logits.float().numpy()
+        want = (
+            model(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask))
+            .logits.float()
+            .numpy()
+        )
     del model
     forward = jax.jit(lambda p, t, m: Llama(config).apply({"params": p}, t, attention_mask=m))
     got = np.asarray(forward(params, tokens, mask))
@@ -66,14 +68,20 @@ def compare_logits(hf_dir, lengths=(24, 17, 5)) -> tuple[float, float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                        help=f"max abs logit difference allowed (default {DEFAULT_ATOL})")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help=f"max abs logit difference allowed (default {DEFAULT_ATOL})",
+    )
     args = parser.parse_args()
     worst, mean, scale = compare_logits(args.hf_dir)
     ok = worst <= args.atol
-    print(f"max abs logit diff {worst:.3e}  mean {mean:.3e}  (max |logit| {scale:.3g})  "
-          f"tolerance {args.atol:.1e}  "
-          f"{'PASS' if ok else 'FAIL'}")
+    print(
+        f"max abs logit diff {worst:.3e}  mean {mean:.3e}  (max |logit| {scale:.3g})  "
+        f"tolerance {args.atol:.1e}  "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

@@ -38,8 +38,10 @@ def main() -> int:
 
     start = time.time()
     config = LlamaConfig.preset("tiny")
-    print(f"[1/4] tiny Llama-3.1: {count_params(config):,} params, {config.num_layers} layers, "
-          f"{config.num_heads} heads / {config.num_kv_heads} kv heads, llama3 RoPE scaling")
+    print(
+        f"[1/4] tiny Llama-3.1: {count_params(config):,} params, {config.num_layers} layers, "
+        f"{config.num_heads} heads / {config.num_kv_heads} kv heads, llama3 RoPE scaling"
+    )
     params = init_params(config, jax.random.PRNGKey(0))
     # HF's init (std 0.02) gives near-zero logits at this size, which would make any comparison
     # look perfect; weights of std 0.2 give logits of order 10.
@@ -54,9 +56,11 @@ def main() -> int:
 
     worst, mean, scale = compare_logits(hf_dir)
     ok = worst <= DEFAULT_ATOL
-    print(f"[3/4] transformers reload: max abs logit diff {worst:.2e} (mean {mean:.2e}, "
-          f"max |logit| {scale:.3g}), "
-          f"tolerance {DEFAULT_ATOL:.0e}: {'PASS' if ok else 'FAIL'}")
+    print(
+        f"[3/4] transformers reload: max abs logit diff {worst:.2e} (mean {mean:.2e}, "
+        f"max |logit| {scale:.3g}), "
+        f"tolerance {DEFAULT_ATOL:.0e}: {'PASS' if ok else 'FAIL'}"
+    )
 
     _, reloaded = load_hf(hf_dir)
     same = all(

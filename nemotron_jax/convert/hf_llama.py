@@ -56,14 +56,20 @@ def _layer(module: str, name: str, transform: str, leaf: str | None = None) -> E
 
 BACKBONE = (
     Entry(("embed_tokens",), "model.embed_tokens.weight", "copy"),
-    Entry(("layers", "input_layernorm", "scale"), "model.layers.{layer}.input_layernorm.weight",
-          "copy"),
+    Entry(
+        ("layers", "input_layernorm", "scale"),
+        "model.layers.{layer}.input_layernorm.weight",
+        "copy",
+    ),
     _layer("self_attn", "q_proj", "linear_in"),
     _layer("self_attn", "k_proj", "linear_in"),
     _layer("self_attn", "v_proj", "linear_in"),
     _layer("self_attn", "o_proj", "linear_out"),
-    Entry(("layers", "post_attention_layernorm", "scale"),
-          "model.layers.{layer}.post_attention_layernorm.weight", "copy"),
+    Entry(
+        ("layers", "post_attention_layernorm", "scale"),
+        "model.layers.{layer}.post_attention_layernorm.weight",
+        "copy",
+    ),
     _layer("mlp", "gate_proj", "linear_in"),
     _layer("mlp", "up_proj", "linear_in"),
     _layer("mlp", "down_proj", "linear_in"),
@@ -301,8 +307,11 @@ def iter_hf_tensors(
         per_layer = shape[1:] if entry.stacked else shape
         hf_shape = to_hf_layout(np.empty(per_layer, np.int8), entry.transform).shape
         name = entry.hf_name.format(layer=layer) if entry.stacked else entry.hf_name
-        return name, lambda: to_hf_layout(np.asarray(reader(entry.path, layer)),
-                                          entry.transform), tuple(hf_shape)
+        return (
+            name,
+            lambda: to_hf_layout(np.asarray(reader(entry.path, layer)), entry.transform),
+            tuple(hf_shape),
+        )
 
     for entry in entries:
         if not entry.stacked and entry.path[0] == "embed_tokens":
@@ -370,8 +379,11 @@ def save_hf(
         shards[-1].append(i)
         size += nbytes
     n = len(shards)
-    names = (["model.safetensors"] if n == 1
-             else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)])
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))

@@ -83,8 +83,15 @@ class LlamaConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}")
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be a positive int, got {getattr(self, field)!r}")
         if self.num_heads % self.num_kv_heads:
@@ -254,9 +261,17 @@ _LLAMA31 = dict(vocab_size=128256, head_dim=128, num_kv_heads=8, rope_theta=5000
 PRESETS: dict[str, LlamaConfig] = {
     # A few hundred thousand parameters: unit tests, smoke runs and the CPU demos.
     "tiny": LlamaConfig(
-        vocab_size=1024, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
-        rope_original_max_position_embeddings=256, bos_token_id=2, eos_token_id=(3,),
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        rope_original_max_position_embeddings=256,
+        bos_token_id=2,
+        eos_token_id=(3,),
         pad_token_id=0,
     ),
     "llama3.1-8b": LlamaConfig(
@@ -340,7 +355,10 @@ def make_attention_mask(
 # --- layers --------------------------------------------------------------------------------
 
 
-def _init(names: tuple[str, ...], init=nn.initializers.normal(stddev=0.02)):
+_NORMAL_INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+
+
+def _init(names: tuple[str, ...], init=_NORMAL_INIT):
     return nn.with_logical_partitioning(init, names)
 
 
@@ -363,7 +381,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         scale = self.param(
-            "scale", _init(("norm",), nn.initializers.ones), (cfg.hidden_size,),
+            "scale",
+            _init(("norm",), nn.initializers.ones),
+            (cfg.hidden_size,),
             DTYPES[cfg.param_dtype],
         )
         xf = x.astype(jnp.float32)
@@ -413,7 +433,9 @@ def attend(q, k, v, mask, dtype):
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", probs.astype(dtype), v.astype(dtype),
+        "BKGTS,BSKH->BTKGH",
+        probs.astype(dtype),
+        v.astype(dtype),
         preferred_element_type=jnp.float32,
     )
     return out.astype(dtype).reshape(b, t, n, h)
@@ -520,8 +542,9 @@ class Llama(nn.Module):
         """float32 logits [B, T, V] from final hidden states [B, T, D]."""
         dtype = DTYPES[self.config.dtype]
         w = self.lm_head_matrix().astype(dtype)
-        logits = jnp.einsum("BTD,DV->BTV", hidden.astype(dtype), w,
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "BTD,DV->BTV", hidden.astype(dtype), w, preferred_element_type=jnp.float32
+        )
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 

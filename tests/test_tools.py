@@ -1,0 +1,82 @@
+"""The command-line tools end to end: HF -> orbax -> HF, parity check, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nemotron_jax.checkpoint import load_model
+from nemotron_jax.convert import load_hf
+from nemotron_jax.convert.hf_llama import HFCheckpoint
+from tests.conftest import REPO
+from tests.hf_utils import make_hf_llama
+
+pytestmark = pytest.mark.hf
+
+
+def run_tool(name, *args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_hf_to_orbax_to_hf_bit_exact(tmp_path):
+    torch = pytest.importorskip("torch")
+    make_hf_llama(num_kv_heads=4).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text('{"x": 1}')
+
+    r = run_tool("convert_from_hf.py", "--hf-dir", tmp_path / "src", "--out", tmp_path / "ckpt")
+    assert r.returncode == 0, r.stderr
+    config, params = load_model(tmp_path / "ckpt")
+    ref_config, ref_params = load_hf(tmp_path / "src")
+    assert config == ref_config
+    got, want = params["layers"]["mlp"]["down_proj"], ref_params["layers"]["mlp"]["down_proj"]
+    assert np.array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+    r = run_tool(
+        "convert_to_hf.py",
+        "--ckpt",
+        tmp_path / "ckpt",
+        "--out",
+        tmp_path / "out",
+        "--max-shard-gb",
+        "0.0001",
+    )
+    assert r.returncode == 0, r.stderr
+    src, out = HFCheckpoint(tmp_path / "src"), HFCheckpoint(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert set(src.names) == set(out.names)
+    for name in src.names:
+        a, b = src.read(name), out.read(name)
+        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"x": 1}'
+
+    r = run_tool("check_logits_vs_hf.py", "--hf-dir", tmp_path / "out")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "tool,args,message",
+    [
+        ("convert_from_hf.py", ["--hf-dir", "{tmp}/nope", "--out", "{tmp}/c"], "no such directory"),
+        ("convert_to_hf.py", ["--ckpt", "{tmp}/nope", "--out", "{tmp}/o"], "no checkpoint at"),
+        (
+            "convert_to_hf.py",
+            ["--ckpt", "{tmp}", "--out", "{tmp}/o", "--kind", "nemotron_reward"],
+            "needs a reward-model checkpoint",
+        ),
+        ("check_logits_vs_hf.py", ["--hf-dir", "{tmp}"], "config.json: missing"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, tool, args, message):
+    r = run_tool(tool, *[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr

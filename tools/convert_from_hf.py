@@ -1,0 +1,53 @@
+"""Hugging Face Llama directory -> nemotron_jax params checkpoint (orbax).
+
+    python tools/convert_from_hf.py --hf-dir /path/to/Llama-3.1-70B-Instruct --out ckpts/70b
+
+Streams: each HF tensor is read (memory-mapped) only when its slice of the stacked parameter is
+written, so host memory stays near a few layer slices, far below one 5 GB shard. The checkpoint
+holds the params (`CKPT/params`), the model config (`CKPT/metadata`, key `model_config`) and the
+tokenizer files found in the HF dir (`CKPT/tokenizer/`). Read it back with
+`nemotron_jax.checkpoint.load_model(CKPT)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from nemotron_jax.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to create")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="store params in this dtype (default: the dtype of the HF files)",
+    )
+    args = parser.parse_args()
+
+    from nemotron_jax.checkpoint import save_model_streaming
+    from nemotron_jax.convert.hf_llama import copy_tokenizer_files, make_reader, open_hf
+
+    overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
+    config, ckpt = open_hf(args.hf_dir, **overrides)
+    print(
+        f"{args.hf_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{len(ckpt.names)} tensors, storing {config.param_dtype}"
+    )
+    save_model_streaming(args.out, config, make_reader(config, ckpt), source=str(args.hf_dir))
+    tok_dir = os.path.join(args.out, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    copied = copy_tokenizer_files(args.hf_dir, tok_dir)
+    print(f"wrote {args.out}" + (f" (tokenizer files: {', '.join(copied)})" if copied else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    main()
