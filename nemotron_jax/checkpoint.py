@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import ctypes
 import inspect
+import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -41,6 +42,11 @@ PARAMS, METADATA = "params", "metadata"
 CHUNK_BYTES = 64 * 2**20  # also bounds read amplification when restoring into small shards
 LeafPath = tuple[str, ...]
 FillFn = Callable[[LeafPath, int | None], Any]
+
+
+def _abs(path) -> epath.Path:
+    # Orbax's OCDBT layer rejects relative paths.
+    return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 def default_stacked(leaf_path: LeafPath) -> bool:
@@ -150,7 +156,7 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _save(path, tree, stacked, metadata: Mapping | None) -> None:
-    path = epath.Path(path)
+    path = _abs(path)
     if path.exists():
         raise CheckpointError(f"{path} already exists; refusing to overwrite it")
     args = ocp.args.Composite(
@@ -207,7 +213,7 @@ def save_params_streaming(
     """
     leaves = jax.tree_util.tree_leaves(abstract_params)
     total = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
-    desc = f"saving {epath.Path(path).name}"
+    desc = f"saving {_abs(path).name}"
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
 
         def streamed(kp, a):
@@ -219,7 +225,7 @@ def save_params_streaming(
 
 
 def _params_dir(path) -> epath.Path:
-    path = epath.Path(path)
+    path = _abs(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not (path / PARAMS / "_METADATA").exists():
@@ -234,11 +240,16 @@ def _saved(path) -> tuple[Any, dict[LeafPath, Any]]:
     return meta, {_leaf_path(kp): m for kp, m in flat}
 
 
+def saved_leaves(path) -> dict[LeafPath, tuple[tuple[int, ...], np.dtype]]:
+    """{leaf path: (shape, dtype)} of every saved leaf; reads no array data."""
+    return {lp: (tuple(m.shape), np.dtype(m.dtype)) for lp, m in _saved(path)[1].items()}
+
+
 def read_metadata(path) -> dict:
     """Returns the JSON metadata dict saved with the checkpoint at `path`."""
     _params_dir(path)
     args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
-    return dict(_checkpointer().restore(epath.Path(path), args=args).metadata or {})
+    return dict(_checkpointer().restore(_abs(path), args=args).metadata or {})
 
 
 def restore_params(path, abstract_params=None, *, shardings=None):
@@ -282,7 +293,7 @@ def restore_params(path, abstract_params=None, *, shardings=None):
     restore = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), **partial
     )
-    return _checkpointer().restore(epath.Path(path), args=ocp.args.Composite(params=restore)).params
+    return _checkpointer().restore(_abs(path), args=ocp.args.Composite(params=restore)).params
 
 
 def _open_leaf(path, leaf_path) -> ts.TensorStore:
@@ -290,7 +301,7 @@ def _open_leaf(path, leaf_path) -> ts.TensorStore:
     meta, saved = _saved(path)
     if leaf_path not in saved:
         raise CheckpointError(f"{path}: leaf {_name(leaf_path)} is not in the checkpoint")
-    params_dir = epath.Path(path) / PARAMS
+    params_dir = _abs(path) / PARAMS
     ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params_dir)
     context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
     # Orbax's own spec builder: the same driver, kvstore and OCDBT layout that restore uses.

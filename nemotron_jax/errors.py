@@ -24,6 +24,10 @@ class CheckpointError(NemotronError, ValueError):
     """A checkpoint directory is missing, incomplete or inconsistent with its config."""
 
 
+class DataError(NemotronError, ValueError):
+    """A dataset file is missing, malformed or holds a row that breaks its schema."""
+
+
 def cli_main(fn: Callable[[], int | None]) -> Callable[[], None]:
     """Wraps a tool's main(): user errors print `error: <message>` and exit with status 2."""
 

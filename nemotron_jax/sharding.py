@@ -14,6 +14,7 @@ Logical vocabulary (parameters):
     q_heads    query heads N;  kv_heads  key/value heads K;  head_dim  H
     layers     the stacked-layer axis added by nn.scan
     norm       RMSNorm scales
+    attributes the reward head's outputs A (9 attribute slots)
 Logical vocabulary (activations):
     act_batch, act_seq, act_embed, act_heads, act_mlp, act_vocab
 """
@@ -44,6 +45,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),  # never split inside a head (RoPE mixes its two halves)
     ("layers", None),  # scan slices one layer per step; sharding this axis would gather
     ("norm", None),  # D-sized scales: too small to be worth sharding
+    ("attributes", None),  # reward-head outputs: 9 columns, far too few to split
     # Activations.
     ("act_batch", ("data", "fsdp")),  # the batch is split over every data-parallel axis
     ("act_seq", None),  # no sequence parallelism (yet)

@@ -9,3 +9,5 @@ SIMPLE_F32 = 1e-5
 SHARDED_F32 = 1e-5
 # bf16 compute against the float32 reference, relative to the logits' scale.
 BF16 = 2e-2
+# A loss or metric against hand-computed numbers of order 1, float32 (a few ulps).
+LOSS_F32 = 1e-6

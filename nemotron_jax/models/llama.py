@@ -422,23 +422,23 @@ class Attention(nn.Module):
 def attend(q, k, v, mask, dtype):
     """Softmax attention, q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
 
-    GQA without repeating K/V in memory: queries are grouped as [B, T, K, G, H]. Scores and the
-    softmax are float32.
+    GQA without repeating K/V in memory: the G query heads of each KV head are folded into the
+    query axis (M = G * T), and both matmuls run head-major ([B, K, M, H] x [B, K, S, H]), which
+    spares XLA:CPU a transpose of the scores. Scores and the softmax are float32.
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(h))
+    kv_heads, s = k.shape[2], k.shape[1]
+    g = n // kv_heads
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
+    k, v = k.transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)  # [B, K, S, H]
+    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv_heads, g, t, s) * (1.0 / math.sqrt(h))
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "BKGTS,BSKH->BTKGH",
-        probs.astype(dtype),
-        v.astype(dtype),
-        preferred_element_type=jnp.float32,
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v, preferred_element_type=jnp.float32)
+    return (
+        out.astype(dtype).reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     )
-    return out.astype(dtype).reshape(b, t, n, h)
 
 
 class MLP(nn.Module):
@@ -483,9 +483,17 @@ class Llama(nn.Module):
         positions: int [B, T]; defaults to arange(T), as HF's forward does. Left-padded batches
             pass `positions_from_mask(attention_mask)`.
         attention_mask: [B, T], 1 for real tokens and 0 for padding; defaults to all ones.
+
+    Attributes:
+        config: the architecture.
+        with_lm_head: False builds the backbone alone, without the `lm_head` parameter (reward
+            models put their own head on it); `__call__` and `logits` then raise, so initialise
+            with `init(..., method="hidden_states")`. Keyword-only, so subclasses can add
+            positional fields after `config`.
     """
 
     config: LlamaConfig
+    with_lm_head: bool = dataclasses.field(default=True, kw_only=True)
 
     def setup(self):
         cfg = self.config
@@ -505,7 +513,7 @@ class Llama(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
         self.norm = RMSNorm(cfg, name="norm")
-        if not cfg.tie_word_embeddings:
+        if self.with_lm_head and not cfg.tie_word_embeddings:
             self.lm_head = self.param(
                 "lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdtype
             )
@@ -534,6 +542,8 @@ class Llama(nn.Module):
 
     def lm_head_matrix(self) -> jax.Array:
         """The output projection [D, V] (the embedding, transposed, when tied)."""
+        if not self.with_lm_head:
+            raise ValueError(f"{type(self).__name__} was built without an LM head")
         if self.config.tie_word_embeddings:
             return self.embed_tokens.T
         return self.lm_head

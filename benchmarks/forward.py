@@ -1,0 +1,205 @@
+"""Forward-pass throughput on CPU: nemotron_jax (jitted) against transformers (eager), f32 and bf16.
+
+Run with `python benchmarks/forward.py` or `make bench-forward`; `--help` lists the flags.
+
+One random tiny `LlamaForCausalLM` is built locally (no download), saved with `save_pretrained`
+and loaded into nemotron_jax with `load_hf`, so both frameworks time the same weights on the same
+batch in the same process. The target is jax >= 1.0x torch tokens/s in both dtypes; PASS/MISS is
+informational and the exit code is 0 either way. A section is appended to docs/benchmarks.md
+unless `--no-append` is given. On a machine with few cores, run it with nothing else busy: torch's
+OpenMP pool slows down far more than XLA's when another process takes a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from nemotron_jax.convert import load_hf
+from nemotron_jax.models import Llama
+
+DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOC_INTRO = (
+    "Forward-pass throughput of nemotron_jax (jitted XLA:CPU) against Hugging Face transformers\n"
+    "(eager PyTorch, SDPA attention) on the same random tiny Llama-3.1 and the same batch, in\n"
+    "float32 and bfloat16. Each section is one run of `benchmarks/forward.py` (`make\n"
+    "bench-forward`): best and median of N timed forward passes after warm-up, reported as\n"
+    "tokens/s = B*T/time. The target is jax >= 1.0x torch in both dtypes. CPU timings are noisy;\n"
+    "compare sections only when taken on the same machine.\n"
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", "-B", type=int, default=8)
+    p.add_argument("--seq", "-T", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256, help="a multiple of 32 (head_dim 32)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", "-N", type=int, default=10, help="timed runs per case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--append", type=Path, default=DEFAULT_DOC, help="markdown file to append to")
+    out.add_argument("--no-append", dest="append", action="store_const", const=None)
+    return p.parse_args()
+
+
+def hf_config(args: argparse.Namespace) -> transformers.LlamaConfig:
+    # Heads scale with hidden so that --hidden keeps head_dim 32 and 8:2 GQA (the default shape).
+    heads = max(1, args.hidden // 32)
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=math.gcd(heads, max(1, heads // 4)),  # must divide the head count
+        head_dim=args.hidden // heads,
+        max_position_embeddings=max(131072, args.seq),
+        rope_theta=500000.0,  # Llama-3.1 values throughout
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(best, median) seconds of `fn()` over `repeats` calls, plus the last result."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), out
+
+
+def bench_torch(model, tokens, mask, dtype, args):
+    model = model.to(dtype)
+    tok, am = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+    with torch.inference_mode():
+        run = lambda: model(input_ids=tok, attention_mask=am, use_cache=False).logits
+        for _ in range(2):  # first calls pay for allocator growth and kernel selection
+            run()
+        best, med, out = timed(run, args.repeats)
+    return best, med, out.float().numpy()
+
+
+def bench_jax(config, params, tokens, mask, dtype, args):
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    fwd = jax.jit(lambda p, t, m: Llama(config).apply({"params": p}, t, attention_mask=m))
+    tok, am = jnp.asarray(tokens), jnp.asarray(mask)
+    run = lambda: fwd(params, tok, am).block_until_ready()  # dispatch is async: wait for it
+    for _ in range(2):  # the first call compiles
+        run()
+    best, med, out = timed(run, args.repeats)
+    return best, med, np.asarray(out)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln)
+    except (OSError, StopIteration):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    hf_cfg = hf_config(args)
+    torch.manual_seed(args.seed)
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(0, args.vocab, size=(args.batch, args.seq), dtype=np.int32)
+    mask = np.ones((args.batch, args.seq), dtype=np.int32)  # no padding, but passed to both
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        config, params = load_hf(tmp)
+
+    ntok = args.batch * args.seq
+    # Other processes on a small machine skew timings; the load average says how much.
+    load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    print(f"{machine()}; {load}")
+    print(f"torch threads: {torch.get_num_threads()} (JAX uses XLA:CPU's own thread pool)")
+    rows, logits = [], {}
+    for name in ("float32", "bfloat16"):
+        tb, tm, logits["torch", name] = bench_torch(model, tokens, mask, getattr(torch, name), args)
+        jb, jm, logits["jax", name] = bench_jax(config, params, tokens, mask, name, args)
+        # Best of N is the least disturbed by other processes, so the verdict uses it.
+        ratio = tb / jb  # = jax tok/s / torch tok/s
+        rows.append((name, ntok / tb, ntok / tm, ntok / jb, ntok / jm, ratio))
+        print(f"{name}: torch best {tb * 1e3:.1f} ms, jax best {jb * 1e3:.1f} ms")
+    diff = {
+        d: float(np.abs(logits["jax", d] - logits["torch", d]).max())
+        for d in ("float32", "bfloat16")
+    }
+
+    lines = [
+        "| dtype | torch tok/s (best) | torch tok/s (median) | jax tok/s (best) "
+        "| jax tok/s (median) | jax/torch (best) | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, tb, tm, jb, jm, ratio in rows:
+        verdict = "PASS" if ratio >= 1.0 else "MISS"
+        lines.append(
+            f"| {name} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} | {jm:,.0f} | {ratio:.2f}x | {verdict} |"
+        )
+    table = "\n".join(lines)
+    sanity = (
+        f"max |logit diff| jax vs torch: float32 {diff['float32']:.2e} (sanity), "
+        f"bfloat16 {diff['bfloat16']:.2e}. torch bf16 returns bf16 logits, nemotron_jax float32."
+    )
+    shape = (
+        f"hidden {hf_cfg.hidden_size}, {hf_cfg.num_hidden_layers} layers, "
+        f"{hf_cfg.num_attention_heads} heads / {hf_cfg.num_key_value_heads} kv heads, head_dim "
+        f"{hf_cfg.head_dim}, intermediate {hf_cfg.intermediate_size}, vocab {hf_cfg.vocab_size}, "
+        f"llama3 rope; batch B={args.batch}, T={args.seq}, no padding; N={args.repeats}"
+    )
+    print(f"\n{shape}\n\n{table}\n\n{sanity}")
+
+    if args.append is not None:
+        stamp = datetime.datetime.now(datetime.UTC).strftime(
+            "%a %b %e %H:%M:%S UTC %Y"
+        )  # as `date -u`
+        versions = (
+            f"jax {jax.__version__}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}; torch threads {torch.get_num_threads()}"
+        )
+        section = f"\n## {stamp}\n\n- Machine: {machine()}; {load} at start\n"
+        section += f"- Versions: {versions}\n"
+        section += f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
+        args.append.parent.mkdir(parents=True, exist_ok=True)
+        if not args.append.exists():
+            args.append.write_text(f"# Benchmarks\n\n{DOC_INTRO}")
+        with args.append.open("a") as f:
+            f.write(section)
+        print(f"appended to {args.append}")
+
+
+if __name__ == "__main__":
+    main()

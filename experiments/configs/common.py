@@ -1,0 +1,124 @@
+"""Shared pieces of experiment configs: argument parsing, defaults, the `smoke` shrinker."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from nemotron_jax.errors import ConfigError
+
+MODELS = ("tiny", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"loss=scaled,smoke"` -> ConfigDict(loss="scaled", smoke=True, ...), typed by `defaults`.
+
+    A bare name sets a boolean to True; an unknown name fails, listing the valid ones.
+    """
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"unknown config arg {key!r}; valid: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            value = raw.lower() in ("", "1", "true", "yes") if raw else True
+        elif isinstance(default, int):
+            value = int(raw)
+        elif isinstance(default, float):
+            value = float(raw)
+        else:
+            value = raw
+        values[key] = value
+    return ml_collections.ConfigDict(values)
+
+
+def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
+    """Defaults for every training config; each file changes a handful of fields."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.seed = 0
+    c.objective = objective  # regression | regular_bt | margin_bt | scaled_bt | sft
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # tiny | llama3.1-8b | llama3.1-70b | llama3.1-405b
+    c.model.dtype = "float32"  # compute dtype; matmuls accumulate in float32 regardless
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots
+    c.model.num_attributes = 9  # NeMo's 9-slot head (slot 4 = helpfulness)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.slot = 4  # head slot the BT losses compare (helpfulness, as in the paper)
+    c.loss.tie_policy = "drop"  # drop: ties get weight 0 | nemo: label >= 0 means row 1 wins
+    c.loss.normalization = "pairs"  # scaled_bt: pairs (NeMo) | sum_m
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic (generated, offline) | dir (official files)
+    c.data.dir = ""  # the downloaded HelpSteer2 files when source == "dir"
+    c.data.template = "nemo"  # nemo (<extra_id_*>, as NeMo trained) | llama3 (chat template)
+    c.data.tokenizer = ""  # "" = the synthetic data's SentencePiece model | "llama3"
+    c.data.max_len = 128
+    c.data.truncation = "truncate"  # truncate (prompt from the left, response whole) | skip
+    c.data.attributes = "helpfulness"  # regression targets: helpfulness | all
+    c.data.on_bad_row = "raise"  # raise | skip (skipped rows are counted in data_report.json)
+    c.data.synthetic_prompts = 1500
+    c.data.synthetic_seed = 0
+
+    c.batch_size = 32  # global, in examples (a pair counts once)
+    c.eval_batch_size = 32
+    c.grad_accum = 1
+    c.num_steps = 300
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.max_to_keep = 2
+
+    # NeMo-Aligner RM defaults, except the learning rate, which suits a tiny model from scratch.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "constant"  # constant | cosine
+    c.optim.min_lr = 0.0
+
+    c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.init_from = (
+        ""  # params checkpoint: HF-converted backbone or an earlier run's <workdir>/params
+    )
+    c.init_head = True  # also take the reward head from init_from when it has one
+    c.tensorboard = True
+    c.progress = True
+    return c
+
+
+def real_model(c: ml_collections.ConfigDict, model: str) -> None:
+    """Settings for a real Llama-3.1 size: bf16, remat, the real tokenizer and chat data."""
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose from {list(MODELS)}")
+    c.model.preset = model
+    if model != "tiny":
+        c.model.dtype = c.model.param_dtype = "bfloat16"
+        c.model.remat = "full"
+        c.data.tokenizer = "llama3"
+        c.data.max_len = 4096  # NeMo's encoder_seq_length
+        c.data.source = "dir"
+        c.batch_size = c.eval_batch_size = 128
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+    """Shrinks any config to seconds on a laptop CPU: tiny model, small synthetic data."""
+    c.model.preset = "tiny"
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    c.data.source = "synthetic"
+    c.data.tokenizer = ""
+    c.data.synthetic_prompts = 200
+    c.data.max_len = 64
+    c.batch_size = c.eval_batch_size = 8
+    c.num_steps = 6
+    c.log_every = c.eval_every = c.checkpoint_every = 3
+    c.tensorboard = False

@@ -1,0 +1,22 @@
+"""Supervised fine-tuning of a policy on well-rated responses (helpfulness >= 3).
+
+    python experiments/run.py --config experiments/configs/sft.py:smoke --workdir runs/sft_smoke
+
+Args: model=tiny|llama3.1-8b|..., init_from=PARAMS, data=DIR, smoke. The tiny policy trained
+here on the synthetic data is the starting point of the REINFORCE pipeline.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, model="tiny", init_from="", data="", smoke=False)
+    c = common.base_config("sft", "sft")
+    c.data.sft_min_helpfulness = 3
+    common.real_model(c, a.model)
+    c.init_from = a.init_from
+    if a.data:
+        c.data.source, c.data.dir = "dir", a.data
+    if a.smoke:
+        common.smoke(c)
+    return c

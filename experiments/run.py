@@ -1,0 +1,49 @@
+"""Runs one experiment config.
+
+    python experiments/run.py --config experiments/configs/rm_bt.py:loss=scaled,smoke \
+        --workdir runs/rm_bt_smoke [--config.optim.lr=3e-4]
+
+The config file's `get_config(arg)` builds a locked ml_collections ConfigDict (a typo in an
+override fails); the final config is written to `<workdir>/config.json` before step 0. A config
+may define several stages (`config.stages`), each run in its own sub-directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from nemotron_jax.errors import NemotronError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:args]", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and logs")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    from nemotron_jax.train import run_experiment
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2) + "\n")
+    try:
+        results = run_experiment(config, workdir)
+    except NemotronError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,188 @@
+"""The one training loop, shared by every objective (regression, the BT variants, SFT).
+
+    run(config, workdir) -> final metrics
+
+mesh -> data -> model and optimizer -> state (resume order below) -> a step jitted once with
+in/out shardings and donated state -> log / validate / checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from nemotron_jax import checkpoint as params_ckpt
+from nemotron_jax import sharding
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.metrics import MetricWriter
+from nemotron_jax.optim import make_optimizer
+from nemotron_jax.train import objectives
+from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
+
+
+def validate(config, mesh) -> None:
+    """Fails at start, naming the config key, on settings the run could only fail on later."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (dp * config.grad_accum):
+        raise ConfigError(
+            f"batch_size {config.batch_size} is not divisible by data-parallel size {dp} x "
+            f"grad_accum {config.grad_accum} (mesh {dict(mesh.shape)})"
+        )
+    if config.eval_batch_size % dp:
+        raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {dp}")
+    if config.num_steps <= 0:
+        raise ConfigError(f"num_steps must be positive, got {config.num_steps}")
+
+
+def _abstract_state(objective, tx, rng):
+    def init():
+        params = objective.init(rng)  # boxed: logical names travel into the optimizer state
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    return jax.eval_shape(init), init
+
+
+def run(config, workdir: str) -> dict[str, float]:
+    os.makedirs(workdir, exist_ok=True)
+    jax.config.update("jax_threefry_partitionable", True)
+    mesh = sharding.make_mesh(tuple(config.mesh))
+    validate(config, mesh)
+    rules = tuple(tuple(r) for r in config.get("sharding_rules") or sharding.DEFAULT_RULES)
+
+    objective = objectives.build(config)
+    data = objectives.build_data(config, objective)
+    tx = make_optimizer(config.optim, config.num_steps)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_boxed, init_fn = _abstract_state(objective, tx, rng)
+    state_sharding = sharding.shardings_for(abstract_boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract_boxed),
+        state_sharding,
+    )
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    replicated = NamedSharding(mesh, P())
+
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.max_to_keep, enable_async_checkpointing=True
+        ),
+    )
+    train_iter = iter(data.train)
+
+    # Where the state comes from, first match wins:
+    #   1. the workdir's latest checkpoint: exact resume (state and data-iterator position);
+    #   2. config.init_from: parameters only (an HF-converted backbone or an earlier model);
+    #   3. from scratch.
+    start = manager.latest_step()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if start is not None:
+            restored = manager.restore(
+                start,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+            state = restored.state
+            train_iter.set_state(restored.data)
+            print(f"resumed from {workdir}/checkpoints step {start}")
+        else:
+            state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_sharding)()
+            if config.get("init_from"):
+                state["params"] = objective.load_init(
+                    config.init_from,
+                    state["params"],
+                    state_sharding["params"],
+                    init_head=config.init_head,
+                )
+                print(f"initialised parameters from {config.init_from}")
+            start = 0
+
+        train_step = jax.jit(
+            make_train_step(objective.apply, objective.loss, tx, config.grad_accum),
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnames=("state",),
+        )
+        eval_step = jax.jit(
+            make_eval_step(objective.apply, objective.loss),
+            in_shardings=(state_sharding["params"], batch_sharding),
+            out_shardings=replicated,
+        )
+
+        def evaluate(params) -> dict[str, float]:
+            total = None
+            for batch in data.eval_batches:
+                sums = eval_step(params, jax.device_put(batch, batch_sharding))
+                total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            return finish_metrics(jax.device_get(total)) if total is not None else {}
+
+        writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+            json.dump(data.report, f, indent=2)
+        bar = tqdm(
+            total=config.num_steps,
+            initial=start,
+            desc=config.get("name", "train"),
+            disable=not config.get("progress", True),
+        )
+        last_eval: dict[str, float] = {}
+        tokens_seen, t0 = 0, time.perf_counter()
+        for step in range(start, config.num_steps):
+            batch = next(train_iter)
+            tokens_seen += int(np.sum(batch["attention_mask"]))
+            state, metrics = train_step(state, jax.device_put(batch, batch_sharding))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                metrics = finish_metrics(jax.device_get(metrics))
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
+                elapsed = time.perf_counter() - t0
+                metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+                tokens_seen, t0 = 0, time.perf_counter()
+                writer.write(done, "train", metrics)
+                bar.set_postfix(
+                    {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}
+                    | {"tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                )
+            if data.eval_batches and (done % config.eval_every == 0 or done == config.num_steps):
+                last_eval = evaluate(state["params"])
+                writer.write(done, "eval", last_eval)
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                manager.save(
+                    done,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave(train_iter.get_state()),
+                    ),
+                )
+            bar.update(1)
+        bar.close()
+        manager.wait_until_finished()
+        writer.close()
+
+        # The trained parameters as a params checkpoint: what `init_from` and the export tools read.
+        export = os.path.join(workdir, "params")
+        if os.path.exists(export):  # from a shorter run of this workdir; replace it atomically
+            stale = export + ".stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(export, stale)
+            params_ckpt.save_params(export, state["params"], metadata=objective.metadata())
+            shutil.rmtree(stale)
+        else:
+            params_ckpt.save_params(export, state["params"], metadata=objective.metadata())
+    manager.close()
+    return last_eval

@@ -1,0 +1,315 @@
+"""What differs between objectives, in one place: the model, the loss, the data and how an
+initial checkpoint maps onto the parameters. The loop itself never branches on the objective.
+
+    regression                 RewardModel on HelpSteer2 ratings (9-slot labels, -100 = missing)
+    regular_bt | margin_bt | scaled_bt   RewardModel on HelpSteer2-Preference pairs [B, 2, T]
+    sft                             Llama LM on well-rated responses (next-token loss on responses)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from nemotron_jax import checkpoint as params_ckpt
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.losses import get_loss
+from nemotron_jax.models.llama import Llama, LlamaConfig
+from nemotron_jax.models.reward import RewardModel
+
+REWARD_OBJECTIVES = ("regression", "regular_bt", "margin_bt", "scaled_bt")
+OBJECTIVES = REWARD_OBJECTIVES + ("sft",)
+BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
+# Fields that may differ between an init checkpoint and the run (they do not change shapes).
+_NUMERIC_FIELDS = {"dtype", "param_dtype", "remat"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    model_config: LlamaConfig
+    module: Any
+    loss_fn: Callable
+    num_attributes: int | None
+    progress_keys: tuple[str, ...]
+
+    @property
+    def is_reward(self) -> bool:
+        return self.name in REWARD_OBJECTIVES
+
+    def init(self, rng):
+        """Boxed (logically annotated) parameters; call under jax.eval_shape or jit."""
+        tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+        if self.is_reward:
+            return self.module.init(rng, tokens, attention_mask=tokens + 1)["params"]
+        return self.module.init(rng, tokens)["params"]
+
+    def apply(self, params, batch):
+        return self.module.apply(
+            {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"]
+        )
+
+    def loss(self, outputs, batch):
+        return self.loss_fn(outputs, batch)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "model_config": self.model_config.to_dict(),
+            "kind": "reward_model" if self.is_reward else "causal_lm",
+            "num_attributes": self.num_attributes,
+            "objective": self.name,
+        }
+
+    def load_init(self, path: str, params, shardings, *, init_head: bool = True):
+        """Replaces `params` leaves by those of the params checkpoint at `path`.
+
+        A reward model takes the backbone (embed_tokens, layers, norm) and, when the checkpoint
+        is a reward model and `init_head`, its head; an LM takes everything it has.
+        """
+        metadata = params_ckpt.read_metadata(path)
+        saved = params_ckpt.saved_leaves(path)
+        if "model_config" in metadata:
+            theirs = LlamaConfig.from_dict(metadata["model_config"]).to_dict()
+            ours = self.model_config.to_dict()
+            diff = sorted(k for k in ours if k not in _NUMERIC_FIELDS and ours[k] != theirs[k])
+            if diff:
+                raise ConfigError(
+                    f"init_from {path}: model differs from config.model in "
+                    + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
+                )
+        wanted = set(BACKBONE_KEYS)
+        if not self.is_reward:
+            wanted |= {"lm_head"}
+        elif init_head and ("reward_head", "kernel") in saved:
+            wanted |= {"reward_head"}
+        target = {k: v for k, v in params.items() if k in wanted}
+        flat = jax.tree_util.tree_flatten_with_path(target)[0]
+        missing = [p for p, _ in flat if _path(p) not in saved]
+        if missing:
+            names = ["/".join(_path(p)) for p in missing[:4]]
+            raise ConfigError(f"init_from {path}: checkpoint lacks {names}")
+        # Restore in the dtype it was saved in, then cast into the run's dtype, same sharding.
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.ShapeDtypeStruct(x.shape, saved[_path(p)][1]), target
+        )
+        restored = params_ckpt.restore_params(
+            path, abstract, shardings={k: shardings[k] for k in target}
+        )
+        cast = jax.jit(lambda r, t: jax.tree.map(lambda a, b: a.astype(b.dtype), r, t))
+        return {**params, **cast(restored, target)}
+
+
+def _path(key_path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in key_path)
+
+
+def model_config(config) -> LlamaConfig:
+    m = config.model
+    return LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def build(config) -> Objective:
+    """The objective named by `config.objective`, its model and its loss with options bound."""
+    name = config.objective
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config.objective {name!r} is unknown; choose from {list(OBJECTIVES)}")
+    mcfg = model_config(config)
+    if name == "sft":
+        return Objective(name, mcfg, Llama(mcfg), get_loss("sft"), None, ("loss", "token_accuracy"))
+    num_attributes = config.model.num_attributes
+    if name == "regression":
+        loss = get_loss("regression")
+        keys = ("loss", "mse")
+    else:
+        if not 0 <= config.loss.slot < num_attributes:
+            raise ConfigError(
+                f"config.loss.slot {config.loss.slot} is outside the {num_attributes}-slot head"
+            )
+        options = dict(slot=config.loss.slot, tie_policy=config.loss.tie_policy)
+        if name == "scaled_bt":
+            options["normalization"] = config.loss.normalization
+        loss = functools.partial(get_loss(name), **options)
+        # Bind-time check of the options, so a bad tie policy fails before data loading.
+        _check_pair_loss(loss)
+        keys = ("loss", "accuracy", "reward_gap")
+    return Objective(name, mcfg, RewardModel(mcfg, num_attributes), loss, num_attributes, keys)
+
+
+def _check_pair_loss(loss) -> None:
+    outputs = np.zeros((1, 2, 9), np.float32)
+    jax.eval_shape(loss, outputs, {"strength": np.ones((1,), np.int32)})
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Any  # grain IterDataset of training batches (infinite, resumable)
+    eval_batches: list[dict[str, np.ndarray]]  # the whole validation split, padded
+    report: dict[str, Any]
+    tokenizer: Any
+
+
+def _tokenizer(config, data_dir: Path | None):
+    from nemotron_jax.data.tokenizer import Llama3Tokenizer, SentencePieceTokenizer
+
+    name = config.data.tokenizer
+    if name == "llama3":
+        return Llama3Tokenizer()
+    if name:
+        return SentencePieceTokenizer.load(name)
+    if data_dir is None or not (data_dir / "tokenizer.model").exists():
+        raise ConfigError(
+            "config.data.tokenizer is empty and the data has no tokenizer.model; "
+            "set it to 'llama3' or a SentencePiece model path"
+        )
+    return SentencePieceTokenizer.load(data_dir / "tokenizer.model")
+
+
+def _data_dir(config) -> Path:
+    from nemotron_jax.data import synthetic
+
+    d = config.data
+    if d.source == "synthetic":
+        root = Path(os.environ.get("NEMOTRON_JAX_CACHE", ".cache")) / "synthetic"
+        out = root / f"prompts{d.synthetic_prompts}-seed{d.synthetic_seed}"
+        if not (out / "tokenizer.model").exists():
+            # Generate beside the target and rename, so a crash never leaves a partial dataset.
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=root))
+            synthetic.generate(tmp, num_prompts=d.synthetic_prompts, seed=d.synthetic_seed)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished first: keep its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    if d.source == "dir":
+        if not d.dir:
+            raise ConfigError("config.data.source is 'dir' but config.data.dir is empty")
+        path = Path(d.dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"config.data.dir {path}: no such directory")
+        return path
+    raise ConfigError(f"config.data.source {d.source!r} is unknown; choose synthetic or dir")
+
+
+def _rows(config, objective: Objective, data_dir: Path) -> tuple[list, list, dict]:
+    from nemotron_jax.data import helpsteer2
+    from nemotron_jax.data.pipeline import preference_splits
+
+    skip = config.data.on_bad_row
+    if objective.name in ("regression", "sft"):
+        rows = {}
+        reports = {}
+        for split in ("train", "validation"):
+            path = helpsteer2.find_helpsteer2_file(data_dir, split)
+            rows[split], rep = helpsteer2.read_ratings(path, on_bad_row=skip)
+            reports[split] = dataclasses.asdict(rep) if dataclasses.is_dataclass(rep) else rep
+        if objective.name == "sft":
+            keep = config.data.get("sft_min_helpfulness", 3)
+            rows = {k: [r for r in v if r.helpfulness >= keep] for k, v in rows.items()}
+        return rows["train"], rows["validation"], reports
+    path = helpsteer2.find_helpsteer2_file(data_dir, "preference")
+    rows, rep = helpsteer2.read_preferences(path, on_bad_row=skip)
+    splits = preference_splits(rows)
+    report = dataclasses.asdict(rep) if dataclasses.is_dataclass(rep) else rep
+    return splits["train"], splits["validation"], {"preference": report}
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Completes a short last batch by repeating its first row with example_weight 0."""
+    n = len(next(iter(batch.values())))
+    weight = np.concatenate([np.ones(n, np.float32), np.zeros(size - n, np.float32)])
+    out = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for k, v in batch.items()}
+    out["example_weight"] = weight
+    return out
+
+
+def build_data(config, objective: Objective) -> DataBundle:
+    from nemotron_jax.data.pipeline import encode, make_dataset
+
+    data_dir = _data_dir(config)
+    tokenizer = _tokenizer(config, data_dir)
+    if tokenizer.vocab_size > objective.model_config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{objective.model_config.vocab_size}"
+        )
+    train_rows, eval_rows, read_report = _rows(config, objective, data_dir)
+    kind = {"regression": "regression", "sft": "sft"}.get(objective.name, "pairs")
+    options = dict(
+        kind=kind,
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_len=config.data.max_len,
+        truncation=config.data.truncation,
+        attributes=config.data.attributes,
+        drop_ties=objective.is_reward and kind == "pairs" and config.loss.tie_policy == "drop",
+    )
+    train = encode(train_rows, **options)
+    evals = encode(eval_rows, **options)
+    train_ds = make_dataset(train, batch_size=config.batch_size, seed=config.seed)
+    eval_batches = []
+    if len(evals):
+        eval_ds = make_dataset(
+            evals,
+            batch_size=config.eval_batch_size,
+            seed=0,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
+        )
+        for batch in eval_ds:
+            batch = dict(batch)
+            n = len(batch["tokens"])
+            if n < config.eval_batch_size:
+                batch = _pad_batch(batch, config.eval_batch_size)
+            else:
+                batch["example_weight"] = np.ones(n, np.float32)
+            eval_batches.append(batch)
+        # Training batches carry the same keys, so one jitted step signature serves both.
+    report = {
+        "data_dir": str(data_dir),
+        "read": read_report,
+        "train_encoding": train.report.summary(),
+        "eval_encoding": evals.report.summary(),
+        "train_examples": len(train),
+        "eval_examples": len(evals),
+    }
+    return DataBundle(_WithWeight(train_ds), eval_batches, report, tokenizer)
+
+
+class _WithWeight:
+    """Adds example_weight = 1 to every training batch (eval batches carry 0 on padding)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __iter__(self):
+        return _WeightIterator(iter(self.ds))
+
+
+class _WeightIterator:
+    def __init__(self, it):
+        self.it = it
+
+    def __next__(self):
+        batch = dict(next(self.it))
+        batch["example_weight"] = np.ones(len(batch["tokens"]), np.float32)
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)

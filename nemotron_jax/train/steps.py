@@ -1,0 +1,105 @@
+"""Pure step functions: no jit here (the loop jits each once, with shardings).
+
+Loss functions follow one contract (`nemotron_jax.losses`):
+
+    loss_fn(outputs, batch) -> (loss [B], weight [B], metrics {name: (value [B], weight [B])})
+
+and the objective of a batch is `sum(loss) / sum(weight)` over the whole global batch. Summing
+before dividing makes every normalisation exact however the batch is split into micro-batches
+or devices (NeMo's mean over valid attribute cells, mean over pairs, or over sum of m).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ApplyFn = Callable[[Any, dict], jax.Array]
+LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array, dict]]
+
+
+def _sums(apply_fn: ApplyFn, loss_fn: LossFn, params, batch):
+    """(sum of losses, (sum of weights, {metric: (weighted sum, weight sum)}))."""
+    outputs = apply_fn(params, batch)
+    loss, weight, metrics = loss_fn(outputs, batch)
+    # Padding rows added to complete an evaluation batch carry example_weight 0.
+    valid = batch.get("example_weight")
+    if valid is not None:
+        loss, weight = loss * valid, weight * valid
+    sums = {}
+    for name, (value, w) in metrics.items():
+        w = w if valid is None else w * valid
+        sums[name] = (jnp.sum(value * w), jnp.sum(w))
+    return jnp.sum(loss), (jnp.sum(weight), sums)
+
+
+# optax.tree.norm replaced optax.global_norm; older optax (accelerator images) lacks it.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    # [B, ...] -> [n, B/n, ...], taking every n-th example so each micro-batch stays spread over
+    # all data-parallel devices instead of living on a 1/n slice of them.
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
+):
+    """`step(state, batch) -> (state, metrics)` with state {"step", "params", "opt_state"} and
+    metrics {name: (sum, weight)} (see `finish_metrics`)."""
+    grad_fn = jax.value_and_grad(lambda p, b: _sums(apply_fn, loss_fn, p, b), has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        if grad_accum == 1:
+            (loss_sum, (weight_sum, metric_sums)), grads = grad_fn(params, batch)
+        else:
+            micro = _micro_batches(batch, grad_accum)
+
+            def body(carry, mb):
+                return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
+
+            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((loss_sum, (weight_sum, metric_sums)), grads), _ = jax.lax.scan(body, zeros, micro)
+        # A batch whose every example has weight 0 (e.g. only dropped ties) updates nothing.
+        denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            **metric_sums,
+            "loss": (loss_sum, weight_sum),
+            "grad_norm": (_global_norm(grads), jnp.ones(())),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn):
+    """`eval_step(params, batch) -> sums` to be added over a whole split, then `finish_metrics`."""
+
+    def eval_step(params, batch):
+        loss_sum, (weight_sum, metric_sums) = _sums(apply_fn, loss_fn, params, batch)
+        return {"loss": (loss_sum, weight_sum), **metric_sums}
+
+    return eval_step
+
+
+def finish_metrics(total: dict) -> dict[str, float]:
+    """Host-side means of {name: (sum, weight)}; metrics with no weight (e.g. the MAE of a head
+    slot that no label supervises) are left out rather than reported as 0."""
+    return {name: float(s) / float(c) for name, (s, c) in total.items() if float(c) > 0}

@@ -1,0 +1,73 @@
+"""SFT cross entropy (shift by one, masking) and the float32 log-prob oracle."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemotron_jax.losses import reduce_loss, reduce_metrics, sft, token_logprobs_reference
+from tests import tolerances
+
+ATOL = tolerances.LOSS_F32
+LOG2, LOG3 = math.log(2.0), math.log(3.0)
+
+
+def _close(got, want):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float32), atol=ATOL, rtol=0)
+
+
+def _example():
+    """V = 3, T = 3. logits[0] is uniform (p = 1/3 for any token); logits[1] = [0, ln 2, 0]
+    gives p(1) = 2/4; logits[2] predicts past the end and must be ignored."""
+    logits = np.array([[0.0, 0.0, 0.0], [0.0, LOG2, 0.0], [1e4, -1e4, 7.0]], np.float32)
+    return jnp.asarray(np.stack([logits, logits]))  # [B=2, T=3, V=3]
+
+
+def test_sft_shift_by_one_and_mask():
+    logits = _example()
+    # Row 0: targets token 1 (= 1, from logits[0]) and token 2 (= 1, from logits[1]).
+    # Row 1: only token 2 (= 1) is a target; loss_mask[:, 0] is ignored.
+    tokens = np.array([[2, 1, 1], [2, 1, 1]])
+    loss_mask = np.array([[0, 1, 1], [1, 0, 1]])
+    loss, weight, metrics = sft(logits, {"tokens": tokens, "loss_mask": loss_mask})
+    _close(loss, [LOG3 + LOG2, LOG2])  # row 0: -log(1/3) - log(1/2) = log 6
+    _close(weight, [2.0, 1.0])
+    _close(reduce_loss(loss, weight), (LOG3 + 2 * LOG2) / 3)  # mean over all target tokens
+    # argmax of logits[0] is token 0 (wrong for target 1), of logits[1] token 1 (right).
+    _close(metrics["token_accuracy"][0], [0.5, 1.0])
+    _close(reduce_metrics(metrics)["token_accuracy"], 2 / 3)
+
+
+def test_sft_gradient_only_on_predicting_positions():
+    logits = _example()
+    batch = {"tokens": np.array([[2, 0, 1], [2, 0, 1]]), "loss_mask": np.array([[1, 0, 1]] * 2)}
+    grad = np.asarray(jax.grad(lambda x: jnp.sum(sft(x, batch)[0]))(logits))
+    # Position 0 predicts an unmasked token and position 2 predicts nothing: no gradient.
+    assert np.all(grad[:, 0] == 0.0) and np.all(grad[:, 2] == 0.0)
+    # At position 1: softmax - onehot(1) = [1/4, 2/4 - 1, 1/4].
+    _close(grad[:, 1], [[0.25, -0.5, 0.25]] * 2)
+
+
+def test_sft_empty_mask_gives_zero_weight():
+    loss, weight, _ = sft(_example(), {"tokens": np.ones((2, 3), int), "loss_mask": np.eye(2, 3)})
+    # Row 0 only marks token 0 (never a target); row 1 marks token 1.
+    _close(weight, [0.0, 1.0])
+    _close(loss, [0.0, LOG3])
+
+
+def test_token_logprobs_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    want = np.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    got = token_logprobs_reference(jnp.asarray(logits), targets)
+    assert got.dtype == jnp.float32 and got.shape == (2, 5)
+    _close(got, want)
+    # Stable for huge logits: log p = [-log(1 + e^-1e4), -1e4] = [0, -1e4], no overflow.
+    huge = token_logprobs_reference(jnp.asarray([[[1e4, 0.0], [1e4, 0.0]]]), np.array([[0, 1]]))
+    _close(huge, [[0.0, -1e4]])
+    # bf16 inputs come back as float32.
+    assert token_logprobs_reference(jnp.asarray(logits, jnp.bfloat16), targets).dtype == (
+        jnp.float32
+    )
