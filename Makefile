@@ -1,5 +1,6 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11 and pip:
-#   make demo   set up .venv, then build a tiny Llama-3.1, export to HF, reload in transformers
+#   make demo   set up .venv, then run the reward-model recipe (regression -> Scaled BT) on the
+#               generated synthetic HelpSteer2 data with the tiny model
 #   make test   set up .venv, then run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo test lint bench-forward clean
+.PHONY: demo demo-parity test lint bench-forward clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo_recipe
+	$(PY) experiments/run.py --config experiments/configs/rm_recipe.py --workdir runs/demo_recipe
+
+demo-parity: $(STAMP)
 	$(PY) tools/demo_parity.py
 
 test: $(STAMP)

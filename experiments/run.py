@@ -43,6 +43,20 @@ def main(argv) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(results, indent=2))
+    print_summary(results)
+
+
+def print_summary(results) -> None:
+    """One line per stage with its final validation metrics."""
+    stages = (
+        results
+        if results and all(isinstance(v, dict) for v in results.values())
+        else {"run": results}
+    )
+    print("\nfinal validation metrics")
+    for name, metrics in stages.items():
+        shown = {k: metrics[k] for k in ("accuracy", "reward_gap", "mse", "loss") if k in metrics}
+        print(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":

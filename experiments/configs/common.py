@@ -51,10 +51,15 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.loss.slot = 4  # head slot the BT losses compare (helpfulness, as in the paper)
     c.loss.tie_policy = "drop"  # drop: ties get weight 0 | nemo: label >= 0 means row 1 wins
     c.loss.normalization = "pairs"  # scaled_bt: pairs (NeMo) | sum_m
+    # BT reward = sum_a w_a * o_a instead of slot `slot` when given (one weight per head slot).
+    c.loss.attribute_weights = ml_collections.config_dict.placeholder(tuple)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic (generated, offline) | dir (official files)
-    c.data.dir = ""  # the downloaded HelpSteer2 files when source == "dir"
+    # synthetic (generated, offline) | dir (official files, read directly) | tfds (the same files
+    # prepared once into ArrayRecord by the TFDS builders under data.tfds_dir)
+    c.data.source = "synthetic"
+    c.data.dir = ""  # the downloaded HelpSteer2 files when source is dir or tfds
+    c.data.tfds_dir = ""  # default: <data.dir>/tfds
     c.data.template = "nemo"  # nemo (<extra_id_*>, as NeMo trained) | llama3 (chat template)
     c.data.tokenizer = ""  # "" = the synthetic data's SentencePiece model | "llama3"
     c.data.max_len = 128

@@ -139,12 +139,9 @@ class _Renderer:
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if mismatch.size else n
 
 
 def _fit(
@@ -216,9 +213,9 @@ def _regression_target(
     )
     labels = np.full([NUM_LABEL_SLOTS], IGNORE_LABEL, np.float32)
     if isinstance(row, NemoRegressionRow):
-        rating, system = row.to_rating_row()
+        system, turns, response = row.conversation()
         labels[slots] = np.asarray(row.label, np.float32)[slots]
-        return rating.turns, rating.response, system, labels
+        return turns, response, system, labels
     if isinstance(row, RatingRow):
         values = row.ratings()
         labels[slots] = [values[a] for a in ATTRIBUTES][: len(slots)]
@@ -288,22 +285,25 @@ def encode_rows(
         report.examples += 1
         row_system = system
         extra: dict[str, Any] = {}
-        if kind == "regression":
-            turns, response, nemo_system, labels = _regression_target(row, attributes)
-            row_system = nemo_system if system is None and template == "nemo" else system
-            responses, extra["labels"] = [response], labels
-        elif kind == "pairs":
-            turns, responses, strength = _pair_target(row)
-            if drop_ties and strength == 0:
-                report.ties_dropped += 1
-                continue
-            extra["strength"] = np.asarray(strength, np.int32)
-        else:
-            turns, response = _sft_target(row)
-            if response is None:
-                report.ties_dropped += 1
-                continue
-            responses = [response]
+        try:
+            if kind == "regression":
+                turns, response, nemo_system, labels = _regression_target(row, attributes)
+                # A NeMo row keeps the system prompt it was written with.
+                row_system = nemo_system if system is None and template == "nemo" else system
+                responses, extra["labels"] = [response], labels
+            elif kind == "pairs":
+                turns, responses, strength = _pair_target(row)
+                extra["strength"] = np.asarray(strength, np.int32)
+            else:
+                turns, response = _sft_target(row)
+                responses = [response]
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(f"{kind} row {index}: {e}") from e
+        if (kind == "pairs" and drop_ties and strength == 0) or None in responses:
+            report.ties_dropped += 1
+            continue
         if row_system not in renderers:
             renderers[row_system] = _Renderer(template, row_system)
         sides, reason, dropped, cut = _fit(

@@ -39,7 +39,10 @@ IGNORE_LABEL = -100.0
 
 
 def _turns(prompt: str) -> tuple[str, ...]:
-    return tuple(m["content"] for m in split_helpsteer2_prompt(prompt))
+    turns = tuple(m["content"] for m in split_helpsteer2_prompt(prompt))
+    if len(turns) % 2 == 0:
+        raise ValueError("the prompt ends with an assistant turn; the last turn must be the user's")
+    return turns
 
 
 def _messages(turns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -145,27 +148,36 @@ class NemoRegressionRow:
     text: str
     label: tuple[float, ...]
 
-    def to_rating_row(self) -> tuple[RatingRow, str]:
-        """Parses the text back into a `RatingRow` and the system prompt it was rendered with.
+    def conversation(self) -> tuple[str, tuple[str, ...], str]:
+        """(system prompt, prompt turns, response) parsed from `text`.
 
         Raises:
-            ValueError: the text is not a NeMo chat ending in an assistant turn, or slots 4..8
-                are not integer ratings 0-4.
+            ValueError: the text is not a NeMo chat ending in an assistant turn.
         """
         messages = parse_nemo_chat(self.text)
         if len(messages) < 3 or messages[-1]["role"] != "assistant":
             raise ValueError("nemo text does not end with an assistant response")
+        turns = tuple(m["content"] for m in messages[1:-1])
+        return messages[0]["content"], turns, messages[-1]["content"]
+
+    def to_rating_row(self) -> tuple[RatingRow, str]:
+        """The row as a `RatingRow`, with the system prompt its text was rendered with.
+
+        Raises:
+            ValueError: the text does not parse (`conversation`), or slots 4..8 are not integer
+                ratings 0-4.
+        """
+        system, turns, response = self.conversation()
         values = [self.label[s] for s in LABEL_SLOTS.values()]
         if any(v != int(v) or not 0 <= v <= 4 for v in values):
             raise ValueError(f"label slots 4..8 are not ratings 0-4: {values}")
-        prompt = "".join(
-            ("" if i == 1 else ("\n<extra_id_1>User\n", "\n<extra_id_1>Assistant\n")[i % 2])
-            + m["content"]
-            for i, m in enumerate(messages[1:-1], start=1)
+        # Rejoin the turns the way HelpSteer2 stores a multi-turn prompt.
+        prompt = turns[0] + "".join(
+            ("\n<extra_id_1>Assistant\n", "\n<extra_id_1>User\n")[i % 2] + t
+            for i, t in enumerate(turns[1:])
         )
         ratings = {a: int(v) for a, v in zip(ATTRIBUTES, values, strict=True)}
-        row = RatingRow(prompt=prompt, response=messages[-1]["content"], **ratings)
-        return row, messages[0]["content"]
+        return RatingRow(prompt=prompt, response=response, **ratings), system
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,9 @@ Generative process (one numpy Generator seeded with `seed`):
    "explain reef tide shell". With probability `multi_turn_fraction` an earlier exchange on
    another topic comes first, joined with HelpSteer2's `<extra_id_1>` markers; only the last user
    turn sets t.
-2. **Response.** n_on ~ U{0..6} words of topic t, n_off ~ U{0..3} words of other topics, n_bad
-   error words (0/1/2 w.p. .6/.3/.1) and 1-4 fillers, shuffled: 1-15 words.
+2. **Response.** n_on ~ U{0..6} words of topic t (each, with probability 0.7, one of the words
+   the last user turn asked about, else any word of t), n_off ~ U{0..3} words of other topics,
+   n_bad error words (0/1/2 w.p. .6/.3/.1) and 1-4 fillers, shuffled: 1-15 words.
 3. **Latent attributes** (floats, stored in `truth.json`):
    helpfulness = 1.5 + 0.6 n_on - 0.6 n_off - 1.2 n_bad;
    correctness = 2 + 0.4 n_on - 1.5 n_bad; coherence = 3.6 - 0.5 n_off - 0.4 n_bad;
@@ -29,10 +30,24 @@ Generative process (one numpy Generator seeded with `seed`):
    pair it filters out (spread > 2) is left out of the file, as the release appears to do.
 6. **Splits.** A `val_fraction` of prompts is validation (`"val"` in the preference file, whose
    train rows come first, as in the release).
+7. **RewardBench file.** Single-turn prompts not used above, each with two responses whose
+   latent helpfulness differs by at least 1; subset "synthetic-easy" when it differs by 2.5 or
+   more, else "synthetic-hard".
+
+`truth.json` holds, row for row, `ratings.{train,validation}` (topic, the five latent floats and
+the word counts), `preference` (`helpfulness_1`, `helpfulness_2`), `rewardbench` (latents of
+`chosen` and `rejected`) and the `summary` that `generate` returns.
 
 A reward model must find the last user turn's topic and count on-topic, off-topic and error words
-in the response, which a 2-layer transformer can learn; sequences stay under about 80 tokens with
-either template. `feature_counts` recovers (n_on, n_off, n_bad) from text for baselines.
+in the response; sequences stay under about 85 tokens with either template. `feature_counts`
+recovers (n_on, n_off, n_bad) from text for baselines. Measured on `generate()` (1,500 prompts,
+seed 0, 1,180 non-tie pairs): the count baseline n_on - n_off - n_bad orders 93% of them as
+labelled (the latent helpfulness itself 96%), length alone 61%, error words alone 66%. The `tiny`
+Llama preset (2 layers, hidden 64, 158k parameters with a scalar head on the last token) trained
+with Scaled BT (AdamW 3e-4, weight decay 0.1, batches of 32 pairs, llama3 template, T = 96)
+reached 81-83% on the validation pairs and 87-89% on the RewardBench file within 1-2 minutes on 2
+CPU cores (84% and 90% with 3,000 prompts); without the echoes of step 2 it reached only 73-76%
+and 76-78%.
 """
 
 from __future__ import annotations
@@ -69,6 +84,7 @@ TOPICS = {
 TOPIC_WORDS = {t: tuple(w.split()) for t, w in TOPICS.items()}
 BAD_WORDS = ("wrong", "false", "broken", "nonsense", "confused", "error", "mistake", "invalid")
 FILLER = ("the", "a", "and", "of", "with", "very", "also", "some", "more", "this", "that", "for")
+ECHO_FRACTION = 0.7
 INSTRUCTIONS = ("explain", "describe", "tell me about", "write about", "summarize", "list")
 MARKERS = (
     "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -85,13 +101,20 @@ _SPM_ARGS = dict(
 )  # fmt: skip
 
 
-def _response(rng: np.random.Generator, topic: str, n_on: int | None = None) -> dict[str, Any]:
+def _response(
+    rng: np.random.Generator, topic: str, asked: list[str], n_on: int | None = None
+) -> dict[str, Any]:
     n_on = int(rng.integers(0, 7)) if n_on is None else n_on
     n_off, n_fill = int(rng.integers(0, 4)), int(rng.integers(1, 5))
     n_bad = int(rng.choice(3, p=[0.6, 0.3, 0.1]))
     others = [w for t, ws in TOPIC_WORDS.items() if t != topic for w in ws]
+    # Echoes of the prompt's own words make "on topic" easy for attention to detect.
+    on = [
+        rng.choice(asked) if rng.random() < ECHO_FRACTION else rng.choice(TOPIC_WORDS[topic])
+        for _ in range(n_on)
+    ]
     words = [
-        *rng.choice(TOPIC_WORDS[topic], n_on),
+        *on,
         *rng.choice(others, n_off),
         *rng.choice(BAD_WORDS, n_bad),
         *rng.choice(FILLER, n_fill),
@@ -109,20 +132,21 @@ def _response(rng: np.random.Generator, topic: str, n_on: int | None = None) -> 
     return {"text": " ".join(words), "latent": latent, "features": features}
 
 
-def _user_turn(rng: np.random.Generator, topic: str) -> str:
-    words = rng.choice(TOPIC_WORDS[topic], int(rng.integers(2, 5)), replace=False)
-    return " ".join([str(rng.choice(INSTRUCTIONS)), *map(str, words)])
+def _user_turn(rng: np.random.Generator, topic: str) -> tuple[str, list[str]]:
+    words = [str(w) for w in rng.choice(TOPIC_WORDS[topic], int(rng.integers(2, 5)), replace=False)]
+    return " ".join([str(rng.choice(INSTRUCTIONS)), *words]), words
 
 
-def _prompt(rng: np.random.Generator, multi_turn_fraction: float) -> tuple[str, str]:
+def _prompt(rng: np.random.Generator, multi_turn_fraction: float) -> tuple[str, str, list[str]]:
     topics = list(TOPICS)
     topic = str(rng.choice(topics))
-    prompt = _user_turn(rng, topic)
+    prompt, asked = _user_turn(rng, topic)
     if rng.random() < multi_turn_fraction:
         earlier = str(rng.choice([t for t in topics if t != topic]))
-        answer = _response(rng, earlier, n_on=int(rng.integers(2, 5)))["text"]
-        prompt = _user_turn(rng, earlier) + _ASSISTANT + answer + _USER + prompt
-    return prompt, topic
+        first, first_asked = _user_turn(rng, earlier)
+        answer = _response(rng, earlier, first_asked, n_on=int(rng.integers(2, 5)))["text"]
+        prompt = first + _ASSISTANT + answer + _USER + prompt
+    return prompt, topic, asked
 
 
 def _rate(rng: np.random.Generator, latent: dict[str, float]) -> dict[str, list[int]]:
@@ -205,13 +229,13 @@ def _train_tokenizer(lines: list[str], vocab_size: int) -> SentencePieceTokenize
     return SentencePieceTokenizer(model.getvalue())
 
 
-def _rewardbench(rng: np.random.Generator, n: int) -> tuple[list[dict], list[dict]]:
+def _rewardbench(rng: np.random.Generator, n: int, seen: set[str]) -> tuple[list[dict], list[dict]]:
     rows, truth = [], []
     while len(rows) < n:
-        prompt, topic = _prompt(rng, multi_turn_fraction=0.0)
-        a, b = _response(rng, topic), _response(rng, topic)
+        prompt, topic, asked = _prompt(rng, multi_turn_fraction=0.0)
+        a, b = _response(rng, topic, asked), _response(rng, topic, asked)
         margin = a["latent"]["helpfulness"] - b["latent"]["helpfulness"]
-        if abs(margin) < 1.0:
+        if abs(margin) < 1.0 or prompt in seen:  # held out: no prompt of the rating files
             continue
         chosen, rejected = (a, b) if margin > 0 else (b, a)
         subset = "synthetic-easy" if abs(margin) >= 2.5 else "synthetic-hard"
@@ -224,7 +248,7 @@ def _rewardbench(rng: np.random.Generator, n: int) -> tuple[list[dict], list[dic
 def generate(
     out_dir: str | Path,
     *,
-    num_prompts: int = 1000,
+    num_prompts: int = 1500,
     seed: int = 0,
     val_fraction: float = 0.1,
     multi_turn_fraction: float = 0.25,
@@ -255,8 +279,8 @@ def generate(
     filtered = 0
     for p in range(num_prompts):
         split = "validation" if is_val[p] else "train"
-        prompt, topic = _prompt(rng, multi_turn_fraction)
-        responses = [_response(rng, topic), _response(rng, topic)]
+        prompt, topic, asked = _prompt(rng, multi_turn_fraction)
+        responses = [_response(rng, topic, asked), _response(rng, topic, asked)]
         for r in responses:
             raw = _rate(rng, r["latent"])
             disagreements[split].append({"prompt": prompt, "response": r["text"], **raw})
@@ -274,7 +298,8 @@ def generate(
             pref_split, prompt, responses[0]["text"], responses[1]["text"], raw, label
         )
         pairs[pref_split].append((row, {"helpfulness_1": h1, "helpfulness_2": h2}))
-    rb_rows, truth["rewardbench"] = _rewardbench(rng, num_rewardbench)
+    seen = {r["prompt"] for rows in ratings.values() for r in rows}
+    rb_rows, truth["rewardbench"] = _rewardbench(rng, num_rewardbench, seen)
 
     _write_jsonl(out / "train.jsonl.gz", ratings["train"])
     _write_jsonl(out / "validation.jsonl.gz", ratings["validation"])
@@ -315,11 +340,17 @@ def generate(
 
 
 def feature_counts(prompt: str, response: str) -> dict[str, int]:
-    """(n_on, n_off, n_bad) of a response, the topic read from the prompt's last user turn."""
+    """Word counts of a response, the topic read from the prompt's last user turn.
+
+    Returns:
+        n_on, n_off, n_bad as in the module docstring, and n_echo: the response words that the
+        last user turn contains (a subset of n_on).
+    """
     last = split_helpsteer2_prompt(prompt)[-1]["content"].split()
     topics = {_WORD_TOPIC[w] for w in last if w in _WORD_TOPIC}
     words = response.split()
     return {
+        "n_echo": sum(w in _WORD_TOPIC and w in last for w in words),
         "n_on": sum(_WORD_TOPIC.get(w) in topics for w in words),
         "n_off": sum(w in _WORD_TOPIC and _WORD_TOPIC[w] not in topics for w in words),
         "n_bad": sum(w in BAD_WORDS for w in words),

@@ -171,6 +171,8 @@ def run(config, workdir: str) -> dict[str, float]:
                 )
             bar.update(1)
         bar.close()
+        if data.eval_batches and not last_eval:  # resumed a finished run: report it anyway
+            last_eval = evaluate(state["params"])
         manager.wait_until_finished()
         writer.close()
 

@@ -1,9 +1,9 @@
 """What differs between objectives, in one place: the model, the loss, the data and how an
 initial checkpoint maps onto the parameters. The loop itself never branches on the objective.
 
-    regression                 RewardModel on HelpSteer2 ratings (9-slot labels, -100 = missing)
-    regular_bt | margin_bt | scaled_bt   RewardModel on HelpSteer2-Preference pairs [B, 2, T]
-    sft                             Llama LM on well-rated responses (next-token loss on responses)
+    regression      RewardModel on HelpSteer2 ratings (9-slot labels, -100 = missing)
+    *_bt            RewardModel on HelpSteer2-Preference pairs [B, 2, T] (regular, margin, scaled)
+    sft             Llama LM on well-rated responses (next-token loss on response tokens)
 """
 
 from __future__ import annotations
@@ -135,6 +135,14 @@ def build(config) -> Objective:
                 f"config.loss.slot {config.loss.slot} is outside the {num_attributes}-slot head"
             )
         options = dict(slot=config.loss.slot, tie_policy=config.loss.tie_policy)
+        if config.loss.get("attribute_weights"):
+            weights = tuple(config.loss.attribute_weights)
+            if len(weights) != num_attributes:
+                raise ConfigError(
+                    f"config.loss.attribute_weights has {len(weights)} entries; "
+                    f"the head has {num_attributes} slots"
+                )
+            options["weights"] = weights
         if name == "scaled_bt":
             options["normalization"] = config.loss.normalization
         loss = functools.partial(get_loss(name), **options)
@@ -193,37 +201,58 @@ def _data_dir(config) -> Path:
             except OSError:  # another process finished first: keep its copy
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
-    if d.source == "dir":
+    if d.source in ("dir", "tfds"):
         if not d.dir:
             raise ConfigError("config.data.source is 'dir' but config.data.dir is empty")
         path = Path(d.dir)
         if not path.is_dir():
             raise FileNotFoundError(f"config.data.dir {path}: no such directory")
         return path
-    raise ConfigError(f"config.data.source {d.source!r} is unknown; choose synthetic or dir")
+    raise ConfigError(f"config.data.source {d.source!r} is unknown; choose synthetic, dir or tfds")
 
 
 def _rows(config, objective: Objective, data_dir: Path) -> tuple[list, list, dict]:
+    """(train rows, validation rows, read report) from the files, or through the TFDS builders
+    when config.data.source is "tfds" (prepared once into ArrayRecord, then random access)."""
     from nemotron_jax.data import helpsteer2
     from nemotron_jax.data.pipeline import preference_splits
 
-    skip = config.data.on_bad_row
-    if objective.name in ("regression", "sft"):
-        rows = {}
-        reports = {}
+    ratings = objective.name in ("regression", "sft")
+    if config.data.source == "tfds":
+        from nemotron_jax.data import tfds_builders
+
+        name = "helpsteer2" if ratings else "helpsteer2_preference"
+        tfds_dir = Path(config.data.get("tfds_dir") or data_dir / "tfds")
+        sources = tfds_builders.data_sources(name, data_dir=tfds_dir, source=data_dir)
+        rows = {
+            split: [tfds_builders.row_from_record(src[i]) for i in range(len(src))]
+            for split, src in sources.items()
+        }
+        train, val = rows.get("train", []), rows.get("validation", [])
+        report: dict = {"tfds": {"name": name, "data_dir": str(tfds_dir)}}
+    elif ratings:
+        report = {}
+        split_rows = {}
         for split in ("train", "validation"):
             path = helpsteer2.find_helpsteer2_file(data_dir, split)
-            rows[split], rep = helpsteer2.read_ratings(path, on_bad_row=skip)
-            reports[split] = dataclasses.asdict(rep) if dataclasses.is_dataclass(rep) else rep
-        if objective.name == "sft":
-            keep = config.data.get("sft_min_helpfulness", 3)
-            rows = {k: [r for r in v if r.helpfulness >= keep] for k, v in rows.items()}
-        return rows["train"], rows["validation"], reports
-    path = helpsteer2.find_helpsteer2_file(data_dir, "preference")
-    rows, rep = helpsteer2.read_preferences(path, on_bad_row=skip)
-    splits = preference_splits(rows)
-    report = dataclasses.asdict(rep) if dataclasses.is_dataclass(rep) else rep
-    return splits["train"], splits["validation"], {"preference": report}
+            split_rows[split], rep = helpsteer2.read_ratings(
+                path, on_bad_row=config.data.on_bad_row
+            )
+            report[split] = dataclasses.asdict(rep)
+        train, val = split_rows["train"], split_rows["validation"]
+    else:
+        path = helpsteer2.find_helpsteer2_file(data_dir, "preference")
+        rows, rep = helpsteer2.read_preferences(path, on_bad_row=config.data.on_bad_row)
+        splits = preference_splits(rows)
+        train, val, report = (
+            splits["train"],
+            splits["validation"],
+            {"preference": dataclasses.asdict(rep)},
+        )
+    if objective.name == "sft":
+        keep = config.data.get("sft_min_helpfulness", 3)
+        train, val = ([r for r in rows if r.helpfulness >= keep] for rows in (train, val))
+    return train, val, report
 
 
 def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:

@@ -184,5 +184,7 @@ def test_bad_options_and_rows(tok):
             _encode([row], tok, **kw)
     with pytest.raises(DataError, match="aggregate_preferences"):
         _encode([hs.PreferenceRow("val", "p", "a", "b", None)], tok, kind="pairs")
+    with pytest.raises(DataError, match="regression row 0: nemo chat must start with"):
+        _encode([hs.NemoRegressionRow("plain", (0.0,) * 9)], tok)
     with pytest.raises(DataError, match="regression needs"):
         _encode([hs.RewardBenchRow("p", "a", "b", "s", 0)], tok)

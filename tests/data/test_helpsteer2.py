@@ -126,6 +126,7 @@ BAD = [
     (json.dumps({**RATING, "verbosity": 5}), "out_of_range", "verbosity"),
     (json.dumps({**RATING, "response": "  "}), "empty_text", "response"),
     (json.dumps({**RATING, "prompt": "a\n<extra_id_1>User\nb"}), "bad_turns", "prompt"),
+    (json.dumps({**RATING, "prompt": "a\n<extra_id_1>Assistant\nb"}), "bad_turns", "prompt"),
     ("[1, 2]", "wrong_type", None),
 ]
 
@@ -184,3 +185,17 @@ def test_missing_or_unknown_files(tmp_path):
         hs.find_helpsteer2_file(tmp_path, "preference")
     with pytest.raises(ValueError, match="on_bad_row"):
         hs.read_ratings(tmp_path / "x.csv", on_bad_row="ignore")
+
+
+def test_multi_turn_nemo_row_round_trip():
+    prompt = "a\n<extra_id_1>Assistant\nb\n<extra_id_1>User\nc"
+    messages = [*hs.RatingRow(prompt, "d", 0, 0, 0, 0, 0).messages()]
+    text = format_nemo_chat([*messages, {"role": "assistant", "content": "d"}], system="S")
+    label = (hs.IGNORE_LABEL,) * 4 + (4.0, 3.0, 2.0, 1.0, 0.0)
+    rating, system = hs.NemoRegressionRow(text, label).to_rating_row()
+    assert (rating.prompt, rating.response, system) == (prompt, "d", "S")
+    assert rating.ratings()["helpfulness"] == 4
+    with pytest.raises(ValueError, match="not ratings"):
+        hs.NemoRegressionRow(text, (hs.IGNORE_LABEL,) * 9).to_rating_row()
+    with pytest.raises(ValueError, match="must start with"):
+        hs.NemoRegressionRow("plain text", label).conversation()

@@ -88,7 +88,8 @@ def test_epochs_cover_every_example_once(encoded_pairs):
     ds = pl.make_dataset(encoded_pairs, batch_size=16, seed=0, num_epochs=2, drop_remainder=False)
     seen = np.concatenate([b["index"] for b in ds])
     assert len(seen) == 2 * n
-    assert (np.sort(seen[:n]) == np.arange(n)).all() and (np.sort(seen[n:]) == np.arange(n)).all()
+    every = np.sort([int(e["index"]) for e in encoded_pairs.examples])
+    assert (np.sort(seen[:n]) == every).all() and (np.sort(seen[n:]) == every).all()
     assert not (seen[:n] == seen[n:]).all()  # reshuffled each epoch
     dropped = pl.make_dataset(encoded_pairs, batch_size=16, seed=0, num_epochs=1)
     assert sum(len(b["index"]) for b in dropped) == n // 16 * 16
@@ -122,7 +123,7 @@ def test_from_tfds_data_source(synthetic_dir, synthetic_tokenizer, tmp_path, pre
     assert batch["strength"].tolist() == [val[i].preference_strength for i in batch["index"]]
 
 
-def test_preference_splits_and_errors(shared_data, encoded_pairs, synthetic_tokenizer):
+def test_preference_splits(shared_data):
     rows, _ = hs.read_preferences(
         shared_data / "helpsteer2_preference_val18" / "preference_val18.jsonl"
     )
@@ -130,12 +131,17 @@ def test_preference_splits_and_errors(shared_data, encoded_pairs, synthetic_toke
     assert {k: len(v) for k, v in pl.preference_splits(rows).items()} == {
         "train": 0, "validation": 18,
     }  # fmt: skip
+
+
+def test_make_dataset_errors(prefs, encoded_pairs, synthetic_tokenizer):
     with pytest.raises(ConfigError, match="EncodedDataset fixes"):
         pl.make_dataset(encoded_pairs, kind="sft", batch_size=2, seed=0)
     with pytest.raises(ConfigError, match="required"):
-        pl.make_dataset(rows, batch_size=2, seed=0)
+        pl.make_dataset(prefs, batch_size=2, seed=0)
+    with pytest.raises(ConfigError, match="num_epochs"):
+        pl.make_dataset(encoded_pairs, batch_size=2, seed=0, num_epochs=0)
     with pytest.raises(DataError, match="no examples left"):
         pl.make_dataset(
-            rows, kind="pairs", tokenizer=synthetic_tokenizer, template="nemo", max_len=8,
+            prefs, kind="pairs", tokenizer=synthetic_tokenizer, template="nemo", max_len=8,
             batch_size=2, seed=0,
         )  # fmt: skip

@@ -149,3 +149,43 @@ def test_unknown_attribute_fails(tmp_path):
     config.data.attributes = "humour"
     with pytest.raises((ConfigError, ValueError), match="humour"):
         run_experiment(config, str(tmp_path))
+
+
+def test_sft_smoke_runs(tmp_path):
+    from experiments.configs import sft
+
+    results = run_experiment(_smoke(sft), str(tmp_path))
+    assert np.isfinite(results["loss"]) and 0 <= results["token_accuracy"] <= 1
+
+
+def test_tfds_source_gives_the_same_run_as_files(tmp_path):
+    from nemotron_jax.data import synthetic
+
+    synthetic.generate(tmp_path / "data", num_prompts=200, seed=0)
+    runs = {}
+    for source in ("dir", "tfds"):
+        config = _smoke(
+            rm_regression,
+            **{
+                "data.source": source,
+                "data.dir": str(tmp_path / "data"),
+                "data.tokenizer": str(tmp_path / "data" / "tokenizer.model"),
+            },
+        )
+        run_experiment(config, str(tmp_path / source))
+        runs[source] = _train_losses(tmp_path / source)
+    assert (tmp_path / "data" / "tfds").is_dir()
+    assert runs["dir"] == runs["tfds"]
+
+
+def test_attribute_weights_merge_slots():
+    config = _smoke(rm_bt, "loss=regular")
+    config.loss.attribute_weights = (0, 0, 0, 0, 0.5, 0.5, 0, 0, 0)
+    objective = objectives.build(config)
+    outputs = np.zeros((1, 2, 9), np.float32)
+    outputs[0, 0, 5] = 2.0  # only the merged reward sees slot 5
+    loss, weight, metrics = objective.loss(outputs, {"strength": np.array([-1])})
+    assert float(metrics["reward_gap"][0][0]) == 1.0
+    config.loss.attribute_weights = (1.0, 2.0)
+    with pytest.raises(ConfigError, match="attribute_weights has 2 entries"):
+        objectives.build(config)
