@@ -178,13 +178,13 @@ def run(config, workdir: str) -> dict[str, float]:
 
         # The trained parameters as a params checkpoint: what `init_from` and the export tools read.
         export = os.path.join(workdir, "params")
-        if os.path.exists(export):  # from a shorter run of this workdir; replace it atomically
-            stale = export + ".stale"
+        metadata = {**objective.metadata(), **objectives.tokenizer_metadata(config, data.tokenizer)}
+        stale = export + ".stale"
+        if os.path.exists(export):  # from a shorter run of this workdir; replace it
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(export, stale)
-            params_ckpt.save_params(export, state["params"], metadata=objective.metadata())
-            shutil.rmtree(stale)
-        else:
-            params_ckpt.save_params(export, state["params"], metadata=objective.metadata())
+        params_ckpt.save_params(export, state["params"], metadata=metadata)
+        objectives.save_tokenizer(data.tokenizer, export)
+        shutil.rmtree(stale, ignore_errors=True)
     manager.close()
     return last_eval

@@ -184,6 +184,42 @@ def _tokenizer(config, data_dir: Path | None):
     return SentencePieceTokenizer.load(data_dir / "tokenizer.model")
 
 
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def tokenizer_metadata(config, tokenizer) -> dict[str, Any]:
+    """How to rebuild the run's tokenizer and inputs from its params checkpoint alone."""
+    from nemotron_jax.data.tokenizer import Llama3Tokenizer
+
+    name = "llama3" if isinstance(tokenizer, Llama3Tokenizer) else "sentencepiece"
+    return {"tokenizer": name, "template": config.data.template, "max_len": config.data.max_len}
+
+
+def save_tokenizer(tokenizer, params_dir: str) -> None:
+    """A SentencePiece model travels with the params (`<params>/tokenizer.model`); the Llama-3.1
+    tokenizer comes from the llama-models package and is never copied."""
+    from nemotron_jax.data.tokenizer import SentencePieceTokenizer
+
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer.save(Path(params_dir) / TOKENIZER_FILE)
+
+
+def load_tokenizer(params_dir: str, metadata: dict[str, Any]):
+    """The tokenizer recorded in a params checkpoint's metadata (see `tokenizer_metadata`)."""
+    from nemotron_jax.data.tokenizer import Llama3Tokenizer, SentencePieceTokenizer
+
+    name = metadata.get("tokenizer")
+    if name == "llama3":
+        return Llama3Tokenizer()
+    path = Path(params_dir) / TOKENIZER_FILE
+    if name == "sentencepiece" and path.exists():
+        return SentencePieceTokenizer.load(path)
+    raise ConfigError(
+        f"{params_dir}: records no usable tokenizer (metadata tokenizer={name!r}); "
+        f"pass one explicitly"
+    )
+
+
 def _data_dir(config) -> Path:
     from nemotron_jax.data import synthetic
 
