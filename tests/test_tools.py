@@ -67,10 +67,11 @@ def test_hf_to_orbax_to_hf_bit_exact(tmp_path):
     [
         ("convert_from_hf.py", ["--hf-dir", "{tmp}/nope", "--out", "{tmp}/c"], "no such directory"),
         ("convert_to_hf.py", ["--ckpt", "{tmp}/nope", "--out", "{tmp}/o"], "no checkpoint at"),
+        # Reward kinds are exported (tests/convert/test_hf_reward.py), from a checkpoint.
         (
             "convert_to_hf.py",
             ["--ckpt", "{tmp}", "--out", "{tmp}/o", "--kind", "nemotron_reward"],
-            "needs a reward-model checkpoint",
+            "is not a params checkpoint",
         ),
         ("check_logits_vs_hf.py", ["--hf-dir", "{tmp}"], "config.json: missing"),
     ],

@@ -46,9 +46,14 @@ def compare_logits(hf_dir, lengths=(24, 17, 5)) -> tuple[float, float, float]:
     import transformers
 
     from nemotron_jax.convert import load_hf
+    from nemotron_jax.errors import CheckpointError
     from nemotron_jax.models import Llama
 
-    config, params = load_hf(hf_dir, dtype="float32", param_dtype="float32")
+    config, params, kind = load_hf(hf_dir, dtype="float32", param_dtype="float32", return_kind=True)
+    if kind.kind != "causal_lm":
+        raise CheckpointError(
+            f"{hf_dir} holds a {kind.kind} model; this tool compares causal-LM logits"
+        )
     tokens, mask = fixed_batch(config.vocab_size, lengths)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.inference_mode():

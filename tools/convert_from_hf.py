@@ -1,12 +1,19 @@
 """Hugging Face Llama directory -> nemotron_jax params checkpoint (orbax).
 
     python tools/convert_from_hf.py --hf-dir /path/to/Llama-3.1-70B-Instruct --out ckpts/70b
+    python tools/convert_from_hf.py --hf-dir /path/to/Nemotron-70B-Reward-HF --out ckpts/rm \
+        --as-reward-model
 
 Streams: each HF tensor is read (memory-mapped) only when its slice of the stacked parameter is
 written, so host memory stays near a few layer slices, far below one 5 GB shard. The checkpoint
 holds the params (`CKPT/params`), the model config (`CKPT/metadata`, key `model_config`) and the
 tokenizer files found in the HF dir (`CKPT/tokenizer/`). Read it back with
-`nemotron_jax.checkpoint.load_model(CKPT)`.
+`nemotron_jax.checkpoint.load_model(CKPT)` (an LM) or `restore_params(CKPT)` (a reward model).
+
+Reward models: a `LlamaForSequenceClassification` directory, or with `--as-reward-model` a
+`LlamaForCausalLM` whose lm_head row 0 is the reward (NVIDIA's Nemotron-Reward-HF layout),
+becomes reward-model params with metadata kind "reward_model" and num_attributes 9: the HF
+reward row in head slot 4, the other slots zero, a zero bias.
 """
 
 from __future__ import annotations
@@ -30,18 +37,40 @@ def main() -> int:
         choices=["float32", "bfloat16", "float16"],
         help="store params in this dtype (default: the dtype of the HF files)",
     )
+    parser.add_argument(
+        "--as-reward-model",
+        action="store_true",
+        help="read a LlamaForCausalLM as a Nemotron reward model (reward = lm_head row 0)",
+    )
     args = parser.parse_args()
 
-    from nemotron_jax.checkpoint import save_model_streaming
-    from nemotron_jax.convert.hf_llama import copy_tokenizer_files, make_reader, open_hf
+    from nemotron_jax.checkpoint import MODEL_CONFIG, save_model_streaming, save_params_streaming
+    from nemotron_jax.convert.hf_llama import (
+        abstract_params_for,
+        copy_tokenizer_files,
+        make_reader,
+        open_hf,
+    )
+    from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
-    config, ckpt = open_hf(args.hf_dir, **overrides)
+    config, ckpt = open_hf(args.hf_dir, as_reward_model=args.as_reward_model, **overrides)
+    kind = ckpt.kind
     print(
         f"{args.hf_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{len(ckpt.names)} tensors, storing {config.param_dtype}"
     )
-    save_model_streaming(args.out, config, make_reader(config, ckpt), source=str(args.hf_dir))
+    reader = make_reader(config, ckpt)
+    if kind.is_reward:
+        print(
+            f"reading it as a reward model ({kind.kind}): the HF reward row goes to head slot "
+            f"{HELPFULNESS_SLOT} of {kind.num_attributes}, other slots and the bias are zero"
+        )
+        metadata = {MODEL_CONFIG: config.to_dict(), **kind.metadata(), "source": str(args.hf_dir)}
+        abstract = abstract_params_for(config, kind.kind, kind.num_attributes)
+        save_params_streaming(args.out, abstract, reader, metadata=metadata)
+    else:
+        save_model_streaming(args.out, config, reader, source=str(args.hf_dir))
     tok_dir = os.path.join(args.out, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     copied = copy_tokenizer_files(args.hf_dir, tok_dir)

@@ -1,10 +1,21 @@
 """nemotron_jax params checkpoint (orbax) -> Hugging Face directory.
 
     python tools/convert_to_hf.py --ckpt ckpts/70b --out hf/70b --kind causal_lm
+    python tools/convert_to_hf.py --ckpt runs/rm/params --out hf/rm --kind sequence_classification
+    python tools/convert_to_hf.py --ckpt runs/rm/params --out hf/rm --kind nemotron_reward
 
 Writes config.json, generation_config.json, safetensors shards of about 5 GB with
 `model.safetensors.index.json`, and the tokenizer files kept in `CKPT/tokenizer/`. Streams: one
 layer slice is read from the checkpoint per HF tensor, so host memory is about one shard.
+
+`causal_lm` takes an LM checkpoint. The reward kinds take a reward-model checkpoint (metadata
+kind "reward_model", a `reward_head`) and export one scalar reward: head output `--reward-slot`
+(default 4, helpfulness) or the merge `--reward-weights`. `sequence_classification` writes a
+`LlamaForSequenceClassification` (`score.weight`, read by HF at the last non-pad token);
+`nemotron_reward` writes a `LlamaForCausalLM` whose lm_head row 0 is the reward, as NVIDIA's
+Llama-3.1-Nemotron-70B-Reward-HF (reward = logit of token 0 at the last token). HF heads have no
+bias: the head bias is dropped, so HF rewards are ours minus that constant (printed, and kept
+in `OUT/reward_head.json`); rankings are unchanged.
 """
 
 from __future__ import annotations
@@ -17,19 +28,46 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nemotron_jax.errors import ConfigError, cli_main  # noqa: E402
 
-# Reward-model kinds are listed so that asking for them says what to do, not "invalid choice".
-REWARD_KINDS = ("sequence_classification", "nemotron_reward")
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+
+
+def checkpoint_kind(ckpt: str, metadata: dict) -> str:
+    """ "reward_model" or "causal_lm": the metadata's `kind`, else what the leaves show (LM
+    checkpoints written by convert_from_hf.py carry no kind)."""
+    from nemotron_jax.checkpoint import saved_leaves
+
+    if metadata.get("kind"):
+        return metadata["kind"]
+    return "reward_model" if ("reward_head", "kernel") in saved_leaves(ckpt) else "causal_lm"
 
 
 @cli_main
 def main() -> int:
-    from nemotron_jax.convert.hf_llama import DEFAULT_SHARD_BYTES, KINDS
+    from nemotron_jax.convert.hf_llama import DEFAULT_SHARD_BYTES, KINDS, REWARD_KINDS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="params checkpoint directory")
     parser.add_argument("--out", required=True, help="HF directory to create")
+    parser.add_argument("--kind", default="causal_lm", choices=sorted(KINDS))
     parser.add_argument(
-        "--kind", default="causal_lm", choices=sorted(set(KINDS) | set(REWARD_KINDS))
+        "--reward-slot", type=int, help="reward kinds: the head output to export (default 4)"
+    )
+    parser.add_argument(
+        "--reward-weights",
+        type=_weights,
+        help="reward kinds: comma-separated merge weights, one per head output (not with "
+        "--reward-slot)",
+    )
+    parser.add_argument(
+        "--pad-token-id",
+        type=int,
+        help="reward kinds: pad id for config.json (default: the model config's, else 128004 "
+        "for the Llama-3 vocabulary); it must not end a real sequence",
     )
     parser.add_argument(
         "--dtype",
@@ -38,16 +76,41 @@ def main() -> int:
     )
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9)
     args = parser.parse_args()
-    if args.kind not in KINDS:
-        raise ConfigError(
-            f"--kind {args.kind} needs a reward-model checkpoint with a reward "
-            f"head; this tool currently exports {sorted(KINDS)}"
-        )
 
-    from nemotron_jax.checkpoint import load_model_config, read_leaf
+    from nemotron_jax.checkpoint import load_model_config, read_leaf, read_metadata
     from nemotron_jax.convert import save_hf
+    from nemotron_jax.convert.hf_llama import read_reward_head_info
+    from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
     config = load_model_config(args.ckpt)
+    ckpt_kind = checkpoint_kind(args.ckpt, read_metadata(args.ckpt))
+    reward_export = args.kind in REWARD_KINDS
+    if reward_export and ckpt_kind != "reward_model":
+        raise ConfigError(
+            f"--kind {args.kind} needs a reward-model checkpoint (metadata kind 'reward_model', "
+            f"with a reward_head); {args.ckpt} is a {ckpt_kind} checkpoint: use --kind causal_lm"
+        )
+    if not reward_export and ckpt_kind == "reward_model":
+        raise ConfigError(
+            f"--kind {args.kind} needs a causal-LM checkpoint with an lm_head; {args.ckpt} is a "
+            f"reward model (metadata kind 'reward_model'): use --kind sequence_classification "
+            f"or --kind nemotron_reward"
+        )
+    given = [
+        f for f in ("reward_slot", "reward_weights", "pad_token_id") if getattr(args, f) is not None
+    ]
+    if not reward_export and given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ConfigError(f"{flags} only apply to the reward kinds {list(REWARD_KINDS)}")
+    if args.reward_slot is not None and args.reward_weights is not None:
+        raise ConfigError("give --reward-slot or --reward-weights, not both")
+    reward_args = {}
+    if reward_export:
+        slot = HELPFULNESS_SLOT if args.reward_slot is None else args.reward_slot
+        reward_args = dict(
+            reward_slot=slot, reward_weights=args.reward_weights, pad_token_id=args.pad_token_id
+        )
+
     tok_dir = os.path.join(args.ckpt, "tokenizer")
     save_hf(
         args.out,
@@ -56,10 +119,25 @@ def main() -> int:
         kind=args.kind,
         dtype=args.dtype,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
-        tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else None,
+        # Converted HF checkpoints keep tokenizer files in CKPT/tokenizer/; training runs keep
+        # their SentencePiece model as CKPT/tokenizer.model.
+        tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else args.ckpt,
         progress=True,
+        **reward_args,
     )
     print(f"wrote {args.out}: {sorted(os.listdir(args.out))}")
+    info = read_reward_head_info(args.out)
+    if info is not None:
+        what = (
+            f"head output {info['reward_slot']}"
+            if info["reward_weights"] is None
+            else f"merge weights {info['reward_weights']}"
+        )
+        print(
+            f"reward: {what}; dropped head bias {info['dropped_bias']:.9g}: HF rewards are "
+            f"nemotron_jax rewards minus it (add it back for absolute rewards; rankings are "
+            f"unchanged); pad_token_id {info['pad_token_id']}"
+        )
     return 0
 
 

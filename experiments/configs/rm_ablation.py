@@ -31,7 +31,7 @@ def get_config(arg=None):
         stages[f"2_{loss}_bt_scratch"] = rm_bt.get_config(f"loss={loss},{passthrough}")
         init = rm_bt.get_config(f"loss={loss},init_from=@1_regression_helpfulness,{passthrough}")
         if a.model == "tiny" and not a.smoke:
-            init.num_steps, init.optim.lr = 150, 3e-4  # as rm_recipe's stage 2
+            init.num_steps, init.optim.lr = 300, 3e-4  # as rm_recipe's stage 2
         stages[f"3_{loss}_bt_from_regression"] = init
     c = ml_collections.ConfigDict()
     c.name = "rm_ablation"

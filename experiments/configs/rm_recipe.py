@@ -24,7 +24,7 @@ def get_config(arg=None):
     stage2 = rm_bt.get_config(f"loss={a.bt},init_from=@1_regression,{passthrough}")
     if a.model == "tiny" and not a.smoke:
         # From a trained regression model, BT needs far fewer steps and a lower rate.
-        stage2.num_steps, stage2.optim.lr = 150, 3e-4
+        stage2.num_steps, stage2.optim.lr = 300, 3e-4
     c = ml_collections.ConfigDict()
     c.name = "rm_recipe"
     c.stages = ml_collections.ConfigDict({"1_regression": stage1, f"2_{a.bt}_bt": stage2})

@@ -2,12 +2,28 @@
 
 from nemotron_jax.convert.hf_llama import (
     KINDS,
+    REWARD_KINDS,
     HFCheckpoint,
+    HFKind,
     load_hf,
     make_reader,
     open_hf,
+    read_reward_head_info,
+    reward_direction,
     save_hf,
     tree_reader,
 )
 
-__all__ = ["KINDS", "HFCheckpoint", "load_hf", "make_reader", "open_hf", "save_hf", "tree_reader"]
+__all__ = [
+    "KINDS",
+    "REWARD_KINDS",
+    "HFCheckpoint",
+    "HFKind",
+    "load_hf",
+    "make_reader",
+    "open_hf",
+    "read_reward_head_info",
+    "reward_direction",
+    "save_hf",
+    "tree_reader",
+]
