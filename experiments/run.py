@@ -47,16 +47,20 @@ def main(argv) -> None:
 
 
 def print_summary(results) -> None:
-    """One line per stage with its final validation metrics."""
-    stages = (
-        results
-        if results and all(isinstance(v, dict) for v in results.values())
-        else {"run": results}
-    )
+    """One line per stage with its final validation metrics, then ExPO and evaluation."""
+    staged = results and all(isinstance(v, dict) for v in results.values())
+    stages = results if staged else {"run": results}
     print("\nfinal validation metrics")
     for name, metrics in stages.items():
+        if name == "evaluation":
+            continue
+        if "best_alpha" in metrics:
+            print(f"  {name:<28} best alpha {metrics['best_alpha']}")
+            continue
         shown = {k: metrics[k] for k in ("accuracy", "reward_gap", "mse", "loss") if k in metrics}
-        print(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        print(f"  {name:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    for name, score in (stages.get("evaluation") or {}).items():
+        print(f"  evaluation {name:<17} {score:.4f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def _val_rows(args):
         return rows, args.val
     rows, _ = helpsteer2.read_preferences(args.val_preference)
     val = preference_splits(rows)["validation"]
+    if any(r.preference_strength is None for r in val):
+        # Extracts with raw annotations only: label them as the release does.
+        from nemotron_jax.data.aggregation import aggregate_preferences
+
+        labelled = [r for r in val if r.preference_strength is not None]
+        val = labelled + aggregate_preferences([r for r in val if r.preference_strength is None])[0]
     kept = [r for r in val if r.preference_strength]
     print(
         f"{args.val_preference}: {len(val)} validation pairs, "
@@ -83,6 +89,7 @@ def main() -> int:
 
     if bool(args.val) == bool(args.val_preference):
         raise ConfigError("a sweep needs exactly one of --val and --val-preference")
+    alphas = _alphas(args.alphas)
     rows, source = _val_rows(args)
     work = args.out.rstrip("/") + ".expo-sweep"
     if os.path.exists(work):
@@ -91,7 +98,7 @@ def main() -> int:
         best, table = expo.sweep(
             args.base,
             args.tuned,
-            _alphas(args.alphas),
+            alphas,
             eval_rows=rows,
             out_root=work,
             keep="best",

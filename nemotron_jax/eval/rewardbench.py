@@ -106,7 +106,7 @@ SUBSET_MAPPING: dict[str, list[str]] = {
 }
 
 # Rows per subset in the `filtered` split (2,985 in all): EXAMPLE_COUNTS except math-prm, whose
-# 447 is stated in the same constants.py. A subset with fewer rows makes its section partial.
+# 447 is stated in the same constants.py. Another row count makes a subset's section partial.
 ROWS_IN_FILTERED_SPLIT: dict[str, int] = {**EXAMPLE_COUNTS, "math-prm": 447}
 
 SECTIONS = tuple(SUBSET_MAPPING)
@@ -125,13 +125,13 @@ def section_scores(
     Args:
         accuracies: subset -> accuracy in [0, 1]. Subsets outside `SUBSET_MAPPING` are ignored
             here (`rewardbench_report` lists them under "other").
-        row_counts: subset -> rows scored; a subset with fewer rows than the `filtered` split
-            is listed as incomplete and makes its section partial. None skips this check.
+        row_counts: subset -> rows scored; a subset whose count differs from the `filtered`
+            split's is listed as incomplete and makes its section partial. None skips the check.
 
     Returns:
         {section: {"score", "partial", "missing", "incomplete", "subsets", "weight"}} for each
         section with at least one subset present, in RewardBench's order. `missing` lists the
-        absent subsets, `incomplete` the present ones with too few rows, `weight` the summed
+        absent subsets, `incomplete` the present ones with the wrong row count, `weight` the summed
         `EXAMPLE_COUNTS` of the present ones.
     """
     out = {}
@@ -148,7 +148,7 @@ def section_scores(
         missing = [s for s in subsets if s not in accuracies]
         incomplete = []
         if row_counts is not None:
-            incomplete = [s for s in present if row_counts[s] < ROWS_IN_FILTERED_SPLIT[s]]
+            incomplete = [s for s in present if row_counts[s] != ROWS_IN_FILTERED_SPLIT[s]]
         out[section] = {
             "score": total / weight,
             "partial": bool(missing or incomplete),
@@ -253,7 +253,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = [f"{'subset':<24} {'section':<10} {'rows':>5} {'acc %':>6}  note"]
     for name, s in report["subsets"].items():
         notes = []
-        if s["expected_rows"] is not None and s["n"] < s["expected_rows"]:
+        if s["expected_rows"] is not None and s["n"] != s["expected_rows"]:
             notes.append(f"{s['n']} of {s['expected_rows']} rows")
         if s["unscored"]:
             notes.append(f"{s['unscored']} unscored (counted wrong)")

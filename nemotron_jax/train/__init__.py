@@ -30,4 +30,18 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
                 stage.init_from = os.path.join(workdir, ref, "params")
         print(f"=== stage {name} ===")
         results[name] = run(stage, os.path.join(workdir, name))
+    from nemotron_jax.train import recipe
+
+    if config.get("expo") is not None:
+        print(f"=== stage {recipe.EXPO_STAGE}: ExPO alpha sweep ===")
+        results[recipe.EXPO_STAGE] = recipe.run_expo(config, workdir)
+    if config.get("evaluate") is not None:
+        print("=== evaluation ===")
+        evaluation = recipe.run_evaluation(config, workdir)
+        results["evaluation"] = {
+            stage: r["report"]["overall"]["score"]
+            if r["report"]["sections"]
+            else sum(v["correct"] for v in r["report"]["subsets"].values()) / r["report"]["rows"]
+            for stage, r in evaluation.items()
+        }
     return results

@@ -1,0 +1,141 @@
+"""After the training stages of a multi-stage config: ExPO and the Table-1 evaluation.
+
+    config.expo      base, tuned (stage names), alphas, include_head: sweep alpha on the tuned
+                     stage's preference validation pairs, keep the best as <workdir>/3_expo/params
+    config.evaluate  data (RewardBench-format .jsonl; default: the synthetic data's held-out
+                     rewardbench/filtered.jsonl), rows: {stage or "3_expo": (group, variant)}
+
+Writes <workdir>/results.json and <workdir>/results.md, the latter in the layout of the paper's
+Table 1 (group, variant, Overall, then the RewardBench sections, or the subsets when the data
+is not RewardBench).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from nemotron_jax.errors import ConfigError
+
+SECTIONS = ("Chat", "Chat Hard", "Safety", "Reasoning")
+EXPO_STAGE = "3_expo"
+
+
+def _validation_pairs(stage_config) -> list:
+    """The tuned stage's validation preference pairs, ties dropped (as its training did)."""
+    from nemotron_jax.data import helpsteer2
+    from nemotron_jax.data.pipeline import preference_splits
+    from nemotron_jax.train.objectives import _data_dir
+
+    path = helpsteer2.find_helpsteer2_file(_data_dir(stage_config), "preference")
+    rows, _ = helpsteer2.read_preferences(path, on_bad_row=stage_config.data.on_bad_row)
+    return [r for r in preference_splits(rows)["validation"] if r.preference_strength]
+
+
+def run_expo(config, workdir: str) -> dict[str, Any]:
+    from nemotron_jax import expo
+
+    e = config.expo
+    for name in (e.base, e.tuned):
+        if name not in config.stages:
+            raise ConfigError(f"config.expo names stage {name!r}; stages: {sorted(config.stages)}")
+    base = os.path.join(workdir, e.base, "params")
+    tuned = os.path.join(workdir, e.tuned, "params")
+    out_root = Path(workdir) / EXPO_STAGE / "sweep"
+    best, table = expo.sweep(
+        base,
+        tuned,
+        tuple(e.alphas),
+        eval_rows=_validation_pairs(config.stages[e.tuned]),
+        out_root=out_root,
+        keep="best",
+        include_head=e.include_head,
+    )
+    final = Path(workdir) / EXPO_STAGE / "params"
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    if best == 0:  # the tuned model itself wins: extrapolate with alpha 0 copies it
+        expo.extrapolate(base, tuned, final, alpha=0.0, include_head=e.include_head)
+    else:
+        os.replace(next(p for p in out_root.iterdir() if p.is_dir()), final)
+    print(expo.format_table(table, best))
+    return {"best_alpha": best, "table": table}
+
+
+def _eval_file(config, workdir: str) -> Path | None:
+    if config.evaluate.data:
+        return Path(config.evaluate.data)
+    from nemotron_jax.train.objectives import _data_dir
+
+    first = config.stages[sorted(config.stages)[0]]
+    if first.data.source != "synthetic":
+        return None
+    return _data_dir(first) / "rewardbench" / "filtered.jsonl"
+
+
+def run_evaluation(config, workdir: str) -> dict[str, Any]:
+    from nemotron_jax.data.helpsteer2 import read_rewardbench
+    from nemotron_jax.eval import rewardbench as rb
+
+    path = _eval_file(config, workdir)
+    if path is None:
+        print("evaluation skipped: real data needs config.evaluate.data (a RewardBench .jsonl)")
+        return {}
+    rows, _ = read_rewardbench(path)
+    results = {}
+    for stage, (group, variant) in config.evaluate.rows.items():
+        params = Path(workdir) / stage / "params"
+        if not params.exists():
+            continue
+        bundle = rb.load_reward_model(params)
+        report, *_ = rb.evaluate(
+            bundle, rows, batch_size=config.evaluate.batch_size, progress=False
+        )
+        results[stage] = {"group": group, "variant": variant, "report": report}
+    table = format_table(results)
+    Path(workdir, "results.md").write_text(f"Evaluated on `{path}`.\n\n{table}\n")
+    Path(workdir, "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print(table)
+    return results
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown in Table 1's layout: Overall, then the sections (or, for data outside
+    RewardBench, the subsets; Overall is then accuracy over all rows)."""
+    if not results:
+        return "(no results)"
+    reports = [r["report"] for r in results.values()]
+    in_rewardbench = any(rep["sections"] for rep in reports)
+    if in_rewardbench:
+        columns = list(SECTIONS)
+    else:
+        columns = sorted({s for rep in reports for s in rep["subsets"]})
+    lines = [
+        "| group | variant | Overall | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for r in results.values():
+        rep = r["report"]
+        if in_rewardbench:
+            overall = rep["overall"]["score"]
+            cells = [
+                _pct(sec.get("score")) + ("*" if sec.get("partial") else "")
+                for sec in (rep["sections"].get(s, {}) for s in columns)
+            ]
+        else:
+            overall = sum(v["correct"] for v in rep["subsets"].values()) / max(rep["rows"], 1)
+            cells = [_pct(rep["subsets"].get(s, {}).get("accuracy")) for s in columns]
+        lines.append(
+            f"| {r['group']} | {r['variant']} | {_pct(overall)} | " + " | ".join(cells) + " |"
+        )
+    if in_rewardbench:
+        lines.append("\n\\* partial section: some of its subsets are missing or incomplete.")
+    return "\n".join(lines)
