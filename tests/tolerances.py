@@ -11,3 +11,18 @@ SHARDED_F32 = 1e-5
 BF16 = 2e-2
 # A loss or metric against hand-computed numbers of order 1, float32 (a few ulps).
 LOSS_F32 = 1e-6
+# Fused token log-probs (nemotron_jax.kernels.logprobs) against the full-logits reference, for
+# O(1) logits (N=100, D=64, V=300): values and d hidden / d lm_head, float32 inputs. Measured
+# max 8e-6 (only the summation order over V and D differs).
+LOGPROBS_F32 = 5e-5
+# Same, bf16 inputs against the reference on the same bf16 inputs (float32 accumulation in
+# both), relative to max(1, max |reference|): the backward rounds dz to bf16 before its matmuls.
+LOGPROBS_BF16 = 2e-2
+# Attention kernels (tests/kernels/test_attention.py) against the frozen naive reference; the
+# error is max abs difference / max(1, max |reference|). float32 values and gradients only
+# differ in summation order (online vs two-pass softmax); bf16 inputs are the same bf16 values
+# the reference upcasts, so the bf16 error is the rounding of p and of the outputs.
+ATTENTION_F32 = 1e-5
+ATTENTION_GRAD_F32 = 1e-5
+ATTENTION_BF16 = 2e-2
+ATTENTION_GRAD_BF16 = 2e-2

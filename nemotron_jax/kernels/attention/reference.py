@@ -1,0 +1,126 @@
+"""Plain-XLA attention: the `implementation="xla"` path and the oracle for the Pallas kernels.
+
+Layout (the einsum letters of `nemotron_jax/models/llama.py`): q [B, T, N, H], k and v
+[B, S, K, H], with N = K * G query heads sharing each of the K kv heads. GQA folds the G query
+heads of a kv head into the einsum instead of repeating K/V in memory. Scores, the softmax and its
+statistics are float32 whatever the input dtype.
+
+Masking rules shared by every implementation (`build_mask`):
+  * `causal=True`: query i sees key j only if j <= i (top-left aligned, as `jnp.tril`).
+  * `segment_ids` [B, T] (self-attention, T == S): query i sees key j only if their ids are equal
+    and nonzero; id 0 marks padding.
+  * `mask` [B, T, S] boolean: True means "may attend"; ANDed with `causal`.
+A query row with no visible key returns exactly 0 (not the uniform average a finite mask value
+would give, and not NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so that masked scores never produce inf - inf = NaN; masked probabilities are then
+# zeroed explicitly, so the value itself never leaks into the result.
+MASK_VALUE = -1e30
+
+
+def build_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = True,
+) -> jax.Array | None:
+    """The boolean [B, T, S] "may attend" mask, or None when nothing is masked.
+
+    Args:
+        batch: B.
+        q_len: T.
+        kv_len: S.
+        segment_ids: optional int [B, T] (requires T == S); 0 is padding.
+        mask: optional bool [B, T, S]; mutually exclusive with `segment_ids`.
+        causal: whether query i may only see keys j <= i.
+
+    Returns:
+        bool [B, T, S], or None if every query sees every key.
+    """
+    if segment_ids is not None and mask is not None:
+        raise ValueError("pass at most one of segment_ids and mask")
+    out = None
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, q_len) or q_len != kv_len:
+            raise ValueError(
+                f"segment_ids must be [B, T] = {(batch, q_len)} with T == S ({kv_len}), "
+                f"got {segment_ids.shape}"
+            )
+        seg = segment_ids
+        out = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    elif mask is not None:
+        if mask.shape != (batch, q_len, kv_len):
+            raise ValueError(f"mask must be [B, T, S] = {(batch, q_len, kv_len)}, got {mask.shape}")
+        out = mask.astype(bool)
+    if causal:
+        tril = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))[None]
+        out = tril if out is None else out & tril
+    return out
+
+
+def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> int:
+    """Validates q [B, T, N, H], k/v [B, S, K, H] with N % K == 0; returns G = N // K."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be rank 4, got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    b, _, n, h = q.shape
+    if k.shape[0] != b or k.shape[3] != h:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on B or H")
+    if n % k.shape[2]:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
+    return n // k.shape[2]
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    causal: bool = True,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention with float32 statistics.
+
+    Args:
+        q: [B, T, N, H].
+        k: [B, S, K, H].
+        v: [B, S, K, H].
+        segment_ids: optional int [B, T]; see the module docstring.
+        mask: optional bool [B, T, S]; see the module docstring.
+        causal: causal (top-left aligned) masking.
+        sm_scale: score scale; defaults to 1/sqrt(H).
+
+    Returns:
+        [B, T, N, H] in q.dtype; rows with no visible key are 0.
+    """
+    g = check_shapes(q, k, v)
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(h) if sm_scale is None else sm_scale
+    allowed = build_mask(b, t, s, segment_ids=segment_ids, mask=mask, causal=causal)
+    qg = q.reshape(b, t, kv_heads, g, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    if allowed is not None:
+        scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if allowed is not None:
+        # A fully masked row would otherwise be uniform over its (masked) keys.
+        probs = jnp.where(allowed[:, None, None], probs, 0.0)
+    out = jnp.einsum(
+        "BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.reshape(b, t, n, h).astype(q.dtype)

@@ -1,0 +1,304 @@
+"""nemotron_jax.kernels.attention: every CPU implementation against a frozen naive reference.
+
+Values and gradients (dq, dk, dv) in float32 and bfloat16, shapes that are not block multiples,
+GQA groups 1/4/8, padding and packing via segment_ids, fully masked rows, shard_map on the 8 fake
+devices, lowering of the GPU (Triton) kernels for "cuda" on this CPU, and equality of "xla" with
+the model's own `attend`. Shapes are tiny: the Pallas interpreter is slow.
+
+Errors are max abs differences divided by max(1, max |reference|) (`_err`); limits live in
+tests/tolerances.py (ATTENTION_*).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemotron_jax.kernels.attention import (
+    BlockSizes,
+    attention,
+    attention_sharded,
+    pallas_attention,
+)
+from nemotron_jax.models.llama import attend, make_attention_mask
+from nemotron_jax.sharding import make_mesh
+from tests import tolerances
+
+CPU_IMPLEMENTATIONS = ("xla", "pallas_interpret")
+SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
+UNEVEN = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
+                    block_k_dkv=16)  # fmt: skip
+
+
+# FROZEN naive reference: repeats K/V per query head, float32 throughout, -inf masking with
+# fully masked rows set to 0. Do not "optimise" it; it is the oracle for every implementation.
+def _naive(q, k, v, allowed, scale):
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [B, S, N, H]
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = jnp.where(allowed[:, None], s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+def _allowed(b, t, s, segment_ids, causal):
+    allowed = np.ones((b, t, s), bool)
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        allowed &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+    if causal:
+        allowed &= np.tril(np.ones((t, s), bool))[None]
+    return jnp.asarray(allowed)
+
+
+def _err(got, want):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)), "non-finite values"
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+def _inputs(b, t, s, n, k, h, dtype, seed=0):
+    rngs = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(rngs[0], (b, t, n, h), jnp.float32).astype(dtype)
+    kk = jax.random.normal(rngs[1], (b, s, k, h), jnp.float32).astype(dtype)
+    v = jax.random.normal(rngs[2], (b, s, k, h), jnp.float32).astype(dtype)
+    cot = jax.random.normal(rngs[3], (b, t, n, h), jnp.float32)
+    return q, kk, v, cot
+
+
+def _out_and_grads(fn, q, k, v, cot):
+    """(out, (dq, dk, dv)) of fn at (q, k, v) for the float32 cotangent `cot`, one jit."""
+
+    @jax.jit
+    def run(q, k, v, cot):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(cot.astype(out.dtype))
+
+    return run(q, k, v, cot)
+
+
+def _segments(b, t):
+    """Row 0 packs two sequences and right-pads; row 1 left-pads; further rows are unpadded."""
+    seg = np.ones((b, t), np.int32)
+    seg[0, : t // 3] = 1
+    seg[0, t // 3 : 2 * t // 3] = 2
+    seg[0, 2 * t // 3 :] = 0
+    if b > 1:
+        seg[1, : t // 5] = 0
+    return jnp.asarray(seg)
+
+
+# name: (B, T, S, N, K, H, causal, segments, block sizes). T and S are not block multiples.
+CASES = {
+    "g1_causal_uneven_blocks": (2, 40, 40, 2, 2, 16, True, False, UNEVEN),
+    "g4_causal_segments": (2, 37, 37, 8, 2, 16, True, True, SMALL),
+    "g8_noncausal_cross_lengths": (1, 24, 50, 8, 1, 16, False, False, SMALL),
+}
+TOL = {
+    jnp.float32: (tolerances.ATTENTION_F32, tolerances.ATTENTION_GRAD_F32),
+    jnp.bfloat16: (tolerances.ATTENTION_BF16, tolerances.ATTENTION_GRAD_BF16),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_values_and_grads_match_naive(implementation, case, dtype):
+    b, t, s, n, k, h, causal, use_seg, blocks = CASES[case]
+    q, kk, v, cot = _inputs(b, t, s, n, k, h, dtype)
+    seg = _segments(b, t) if use_seg else None
+    fn = functools.partial(
+        attention,
+        segment_ids=seg,
+        causal=causal,
+        implementation=implementation,
+        block_sizes=blocks,
+    )
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    allowed = _allowed(b, t, s, seg, causal)
+    want_fn = functools.partial(_naive, allowed=allowed, scale=h**-0.5)
+    want, want_grads = _out_and_grads(want_fn, q, kk, v, cot)
+    assert out.dtype == dtype and out.shape == (b, t, n, h)
+    tol, grad_tol = TOL[dtype]
+    errs = [_err(out, want)] + [_err(g, w) for g, w in zip(grads, want_grads, strict=True)]
+    print(f"{implementation} {case} {jnp.dtype(dtype).name}: out/dq/dk/dv err {errs}")
+    assert errs[0] <= tol, errs
+    assert max(errs[1:]) <= grad_tol, errs
+    if use_seg:  # padded query rows see no key: exactly 0, with zero dq
+        pad = np.asarray(seg) == 0
+        assert np.all(np.asarray(out, np.float32)[pad] == 0.0)
+        assert np.all(np.asarray(grads[0], np.float32)[pad] == 0.0)
+
+
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_fully_masked_rows_are_zero_not_nan(implementation):
+    b, t, n, k, h = 2, 20, 4, 2, 16
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, jnp.float32, seed=1)
+    seg = np.ones((b, t), np.int32)
+    seg[1] = 0  # a whole example of padding: every row (and every kv block) is masked
+    seg[0, -3:] = 0
+    seg = jnp.asarray(seg)
+    fn = functools.partial(
+        attention, segment_ids=seg, implementation=implementation, block_sizes=SMALL
+    )
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    for x in (out, *grads):
+        assert np.all(np.isfinite(np.asarray(x)))
+    assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0.0)
+    assert np.all(np.asarray(grads[1])[1] == 0.0) and np.all(np.asarray(grads[2])[1] == 0.0)
+
+
+def test_xla_explicit_mask_with_empty_rows():
+    b, t, s, n, k, h = 1, 6, 9, 4, 2, 16
+    q, kk, v, cot = _inputs(b, t, s, n, k, h, jnp.float32, seed=2)
+    mask = np.random.default_rng(0).random((b, t, s)) < 0.5
+    mask[0, 2] = False
+    mask = jnp.asarray(mask)
+    fn = functools.partial(attention, mask=mask, causal=False)
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    want, want_grads = _out_and_grads(
+        functools.partial(_naive, allowed=mask, scale=h**-0.5), q, kk, v, cot
+    )
+    assert np.all(np.asarray(out)[0, 2] == 0.0)
+    assert _err(out, want) <= tolerances.ATTENTION_F32
+    for g, w in zip(grads, want_grads, strict=True):
+        assert _err(g, w) <= tolerances.ATTENTION_GRAD_F32
+
+
+def test_pallas_reference_backward_matches_kernel_backward():
+    b, t, n, k, h = 1, 33, 4, 1, 16
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, jnp.float32, seed=3)
+    seg = _segments(b, t)
+    results = [
+        _out_and_grads(
+            functools.partial(
+                pallas_attention,
+                segment_ids=seg,
+                block_sizes=SMALL,
+                interpret=True,
+                backward_impl=impl,
+            ),
+            q,
+            kk,
+            v,
+            cot,
+        )[1]
+        for impl in ("pallas", "xla")
+    ]
+    for g_kernel, g_ref in zip(*results, strict=True):
+        assert _err(g_kernel, g_ref) <= tolerances.ATTENTION_GRAD_F32
+
+
+def test_xla_equals_model_attend():
+    b, t, n, k, h = 2, 12, 8, 2, 16
+    q, kk, v, _ = _inputs(b, t, t, n, k, h, jnp.float32, seed=4)
+    valid = np.ones((b, t), bool)
+    valid[0, 9:] = False  # right padding
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = make_attention_mask(positions, positions, jnp.asarray(valid))
+    want = attend(q, kk, v, mask, jnp.float32)
+    # The model's own mask, passed explicitly: every row sees at least key 0, so all rows agree.
+    got = attention(q, kk, v, mask=mask, causal=False)
+    assert _err(got, want) <= tolerances.ATTENTION_F32
+    # Segment ids (0 = padding) build the same mask on real rows; padded rows are 0 here.
+    got = attention(q, kk, v, segment_ids=jnp.asarray(valid, jnp.int32))
+    assert _err(np.asarray(got)[valid], np.asarray(want)[valid]) <= tolerances.ATTENTION_F32
+    assert np.all(np.asarray(got)[~valid] == 0.0)
+
+
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_shard_map_on_eight_devices(implementation):
+    mesh = make_mesh((2, 2, 2))
+    b, t, n, k, h = 4, 24, 4, 2, 16
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, jnp.float32, seed=5)
+    seg = _segments(b, t)
+    fn = functools.partial(
+        attention_sharded,
+        mesh=mesh,
+        segment_ids=seg,
+        implementation=implementation,
+        block_sizes=SMALL,
+    )
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    spec = out.sharding.spec
+    assert tuple(spec)[:3] == (("data", "fsdp"), None, "tensor"), spec  # per shard, not replicated
+    want, want_grads = _out_and_grads(
+        functools.partial(_naive, allowed=_allowed(b, t, t, seg, True), scale=h**-0.5),
+        q,
+        kk,
+        v,
+        cot,
+    )
+    assert _err(out, want) <= tolerances.ATTENTION_F32
+    for g, w in zip(grads, want_grads, strict=True):
+        assert _err(g, w) <= tolerances.ATTENTION_GRAD_F32
+
+
+def test_pallas_lowers_for_cuda():
+    """Traces the Triton kernels (fwd, dq, dk/dv) and lowers them for "cuda" on this CPU.
+
+    This catches Pallas->Triton lowering errors (unsupported ops, block shapes); compiling the
+    Triton IR and running it needs a GPU.
+    """
+    b, t, n, k, h = 1, 100, 8, 2, 64  # T not a block multiple; G = 4
+    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, k, h), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(q, k, v, seg):
+        out = attention(q, k, v, segment_ids=seg, implementation="pallas")
+        return out.astype(jnp.float32).sum()
+
+    grad_fn = jax.grad(loss, argnums=(0, 1, 2))
+    text = jax.jit(grad_fn).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # fwd, dq, dk/dv
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["pallas", "cudnn"])
+def test_compiled_gpu_implementations_match_naive(implementation):
+    """The compiled Triton kernels and cuDNN, bf16, values and gradients (GPU only)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU backend")
+    b, t, n, k, h = 2, 100, 8, 2, 64
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, jnp.bfloat16, seed=6)
+    seg = _segments(b, t)
+    fn = functools.partial(attention, segment_ids=seg, implementation=implementation)
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    want_fn = functools.partial(_naive, allowed=_allowed(b, t, t, seg, True), scale=h**-0.5)
+    want, want_grads = _out_and_grads(want_fn, q, kk, v, cot)
+    assert _err(out, want) <= tolerances.ATTENTION_BF16
+    for g, w in zip(grads, want_grads, strict=True):
+        assert _err(g, w) <= tolerances.ATTENTION_GRAD_BF16
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(block_q=48)
+    with pytest.raises(ValueError, match=">= 16"):
+        BlockSizes(block_k=8)
+    with pytest.raises(ValueError, match="num_warps"):
+        BlockSizes(num_warps=3)
+    q = jnp.zeros((1, 8, 4, 16))
+    kv = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="implementation"):
+        attention(q, kv, kv, implementation="flash")
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q, jnp.zeros((1, 8, 3, 16)), jnp.zeros((1, 8, 3, 16)))
+    with pytest.raises(ValueError, match="explicit mask"):
+        attention(q, kv, kv, mask=jnp.ones((1, 8, 8), bool), implementation="pallas_interpret")
+    with pytest.raises(ValueError, match="at most one"):
+        attention(q, kv, kv, mask=jnp.ones((1, 8, 8), bool), segment_ids=jnp.ones((1, 8)))
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(jnp.zeros((1, 8, 4, 24)), jnp.zeros((1, 8, 2, 24)), jnp.zeros((1, 8, 2, 24)),
+                  implementation="pallas")  # fmt: skip
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            attention(q, kv, kv, implementation="cudnn")
