@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.kernels.attention import attention as kernel_attention
 from nemotron_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -70,6 +72,9 @@ class LlamaConfig:
     dtype: str = "float32"
     # Activation rematerialisation per layer: "none", "full" (save nothing) or "dots".
     remat: str = "none"
+    # nemotron_jax.kernels.attention implementation: "auto" picks cuDNN on GPUs for bf16/fp16
+    # compute and plain XLA otherwise; or "xla", "cudnn", "pallas", "pallas_interpret".
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -80,6 +85,10 @@ class LlamaConfig:
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"unsupported rope type {self.rope_type!r}; supported: {list(ROPE_TYPES)}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"unknown attention_impl {self.attention_impl!r}; choose from {ATTENTION_IMPLS}"
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}")
@@ -352,6 +361,15 @@ def make_attention_mask(
     return causal & kv_valid[:, None, :].astype(bool)
 
 
+def resolve_attention_impl(config: LlamaConfig) -> str:
+    """The attention implementation for this config on the default backend."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    if jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
+
+
 # --- layers --------------------------------------------------------------------------------
 
 
@@ -402,7 +420,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, segment_ids):
         cfg = self.config
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -415,30 +433,19 @@ class Attention(nn.Module):
         key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype), cos, sin)
         value = _dot("BSD,DKH->BSKH", x, wv, dtype)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        out = attend(q, key, value, mask, dtype)  # [B, T, N, H]
+        impl = resolve_attention_impl(cfg)
+        if impl == "xla":  # the [B, T, S] mask already carries causality by position
+            out = kernel_attention(q, key, value.astype(dtype), mask=mask, causal=False)
+        else:  # fused kernels take padding as segment ids and causality by index
+            out = kernel_attention(
+                q,
+                key,
+                value.astype(dtype),
+                segment_ids=segment_ids,
+                causal=True,
+                implementation=impl,
+            )  # [B, T, N, H]
         return _dot("BTNH,NHD->BTD", out, wo, dtype)
-
-
-def attend(q, k, v, mask, dtype):
-    """Softmax attention, q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] -> [B, T, N, H].
-
-    GQA without repeating K/V in memory: the G query heads of each KV head are folded into the
-    query axis (M = G * T), and both matmuls run head-major ([B, K, M, H] x [B, K, S, H]), which
-    spares XLA:CPU a transpose of the scores. Scores and the softmax are float32.
-    """
-    b, t, n, h = q.shape
-    kv_heads, s = k.shape[2], k.shape[1]
-    g = n // kv_heads
-    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
-    k, v = k.transpose(0, 2, 1, 3), v.astype(dtype).transpose(0, 2, 1, 3)  # [B, K, S, H]
-    scores = jnp.einsum("BKMH,BKSH->BKMS", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kv_heads, g, t, s) * (1.0 / math.sqrt(h))
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, g * t, s)
-    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v, preferred_element_type=jnp.float32)
-    return (
-        out.astype(dtype).reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-    )
 
 
 class MLP(nn.Module):
@@ -466,10 +473,10 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, segment_ids):
         cfg = self.config
         x = x + Attention(cfg, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x), cos, sin, mask
+            RMSNorm(cfg, name="input_layernorm")(x), cos, sin, mask, segment_ids
         )
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))
         return constrain(x, ("act_batch", "act_seq", "act_embed")), None
@@ -508,7 +515,7 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
@@ -537,7 +544,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(cfg, positions)
         x = jnp.take(self.embed_tokens, tokens, axis=0).astype(DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        x, _ = self.layers(x, cos, sin, mask)
+        segment_ids = attention_mask.astype(jnp.int32)  # 1 = real token, 0 = padding
+        x, _ = self.layers(x, cos, sin, mask, segment_ids)
         return self.norm(x)
 
     def lm_head_matrix(self) -> jax.Array:

@@ -142,3 +142,22 @@ def test_hidden_states_and_remat(tiny):
     g_remat = jax.grad(loss)(params, cfg.replace(remat="full"))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_pallas_attention_in_the_model_matches_xla(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(3).integers(4, cfg.vocab_size, (2, 20))
+    mask = (np.arange(20)[None] < np.array([[20], [13]])).astype(np.int32)
+    want = Llama(cfg.replace(attention_impl="xla")).apply(
+        {"params": params}, tokens, attention_mask=mask
+    )
+    got = Llama(cfg.replace(attention_impl="pallas_interpret")).apply(
+        {"params": params}, tokens, attention_mask=mask
+    )
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_unknown_attention_impl():
+    with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
+        LlamaConfig.preset("tiny", attention_impl="flash")
