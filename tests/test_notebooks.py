@@ -1,6 +1,5 @@
 """Notebooks run headless at smoke size, and the committed .ipynb matches its .py source."""
 
-import os
 from pathlib import Path
 
 import pytest

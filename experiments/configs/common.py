@@ -51,6 +51,8 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.loss.slot = 4  # head slot the BT losses compare (helpfulness, as in the paper)
     c.loss.tie_policy = "drop"  # drop: ties get weight 0 | nemo: label >= 0 means row 1 wins
     c.loss.normalization = "pairs"  # scaled_bt: pairs (NeMo) | sum_m
+    # Per-token log-probs (sft): chunked (pure JAX, CPU default) | pallas (GPU) | reference
+    c.loss.logprobs_impl = "chunked"
     # BT reward = sum_a w_a * o_a instead of slot `slot` when given (one weight per head slot).
     c.loss.attribute_weights = ml_collections.config_dict.placeholder(tuple)
 

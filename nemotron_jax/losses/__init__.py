@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.losses.lm import sft, token_logprobs_reference
+from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs_reference
 from nemotron_jax.losses.reward import (
     NORMALIZATIONS,
     TIE_POLICIES,
@@ -47,6 +47,7 @@ LOSSES: dict[str, LossFn] = {
     "margin_bt": margin_bt,
     "scaled_bt": scaled_bt,
     "sft": sft,
+    "sft_fused": sft_fused,
 }
 
 

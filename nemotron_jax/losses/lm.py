@@ -30,6 +30,37 @@ def token_logprobs_reference(logits: jax.Array, targets: jax.Array) -> jax.Array
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def sft_fused(
+    outputs: tuple[jax.Array, jax.Array],
+    batch: Mapping[str, Any],
+    *,
+    implementation: str = "chunked",
+) -> tuple[jax.Array, jax.Array, Metrics]:
+    """`sft` from final hidden states and the LM head, without ever forming [B, T, V] logits.
+
+    Args:
+        outputs: (hidden [B, T, D], lm_head [D, V]), as `Llama.hidden_and_head` returns them.
+        batch: as for `sft`.
+        implementation: `nemotron_jax.kernels.token_logprobs` implementation ("chunked" on
+            CPU; "pallas" on GPUs).
+
+    Returns:
+        As `sft`, with the metric `token_nll` (mean -log p per target token) in place of
+        `token_accuracy`, which would need every logit.
+    """
+    from nemotron_jax.kernels import token_logprobs
+
+    hidden, lm_head = outputs
+    tokens = jnp.asarray(batch["tokens"])
+    mask = jnp.asarray(batch["loss_mask"])[:, 1:].astype(bool)  # [B, T-1]
+    logp = token_logprobs(
+        hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation=implementation
+    )
+    loss = jnp.sum(jnp.where(mask, -logp, 0.0), axis=-1)
+    weight = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    return loss, weight, {"token_nll": (loss / jnp.maximum(weight, 1.0), weight)}
+
+
 def sft(logits: jax.Array, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, Metrics]:
     """Next-token cross entropy on the tokens whose `loss_mask` is 1.
 

@@ -548,6 +548,12 @@ class Llama(nn.Module):
         x, _ = self.layers(x, cos, sin, mask, segment_ids)
         return self.norm(x)
 
+    def hidden_and_head(self, tokens, *, positions=None, attention_mask=None):
+        """(final hidden states [B, T, D], LM head [D, V]): the inputs of the fused per-token
+        log-prob kernel, which never forms the [B, T, V] logits."""
+        hidden = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        return hidden, self.lm_head_matrix()
+
     def lm_head_matrix(self) -> jax.Array:
         """The output projection [D, V] (the embedding, transposed, when tied)."""
         if not self.with_lm_head:

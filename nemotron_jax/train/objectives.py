@@ -41,6 +41,7 @@ class Objective:
     loss_fn: Callable
     num_attributes: int | None
     progress_keys: tuple[str, ...]
+    method: str | None = None  # the module method `apply` calls (None: __call__)
 
     @property
     def is_reward(self) -> bool:
@@ -55,7 +56,10 @@ class Objective:
 
     def apply(self, params, batch):
         return self.module.apply(
-            {"params": params}, batch["tokens"], attention_mask=batch["attention_mask"]
+            {"params": params},
+            batch["tokens"],
+            attention_mask=batch["attention_mask"],
+            method=self.method,
         )
 
     def loss(self, outputs, batch):
@@ -124,7 +128,11 @@ def build(config) -> Objective:
         raise ConfigError(f"config.objective {name!r} is unknown; choose from {list(OBJECTIVES)}")
     mcfg = model_config(config)
     if name == "sft":
-        return Objective(name, mcfg, Llama(mcfg), get_loss("sft"), None, ("loss", "token_accuracy"))
+        # Per-token log-probs from hidden states and the head: no [B, T, V] logits in memory.
+        loss = functools.partial(get_loss("sft_fused"), implementation=config.loss.logprobs_impl)
+        return Objective(
+            name, mcfg, Llama(mcfg), loss, None, ("loss", "token_nll"), method="hidden_and_head"
+        )
     num_attributes = config.model.num_attributes
     if name == "regression":
         loss = get_loss("regression")
