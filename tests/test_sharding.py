@@ -87,3 +87,31 @@ def test_non_divisible_axes_fall_back_to_replication():
     mesh = sharding.make_mesh((1, 2, 4))
     shardings = sharding.shardings_for(abstract_params(cfg, boxed=True), mesh)
     assert tuple(shardings["layers"]["self_attn"]["k_proj"].spec) == (None, "fsdp", None, None)
+
+
+def test_pallas_attention_runs_per_shard_under_the_mesh():
+    cfg = _config().replace(attention_impl="pallas_interpret")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (4, 16))
+    mask = (np.arange(16)[None] < np.array([[16], [9], [3], [12]])).astype(np.int32)
+    want = Llama(cfg.replace(attention_impl="xla")).apply(
+        {"params": params}, tokens, attention_mask=mask
+    )
+    mesh = sharding.make_mesh((2, 2, 2))
+    param_sharding = sharding.shardings_for(abstract_params(cfg, boxed=True), mesh)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+    @jax.jit
+    def forward(p, t, m):
+        return Llama(cfg).apply({"params": p}, t, attention_mask=m)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        text = forward.lower(jax.device_put(params, param_sharding), tokens, mask).as_text()
+        got = forward(
+            jax.device_put(params, param_sharding),
+            jax.device_put(tokens, batch),
+            jax.device_put(mask, batch),
+        )
+    assert "shard_map" in text or "manual" in text.lower()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemotron_jax import sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.kernels.attention import attention as kernel_attention
+from nemotron_jax.kernels.attention import attention_sharded
 from nemotron_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -361,6 +363,17 @@ def make_attention_mask(
     return causal & kv_valid[:, None, :].astype(bool)
 
 
+def _fused_attention(q, k, v, segment_ids, impl):
+    """A Pallas or cuDNN attention call; under a (data, fsdp, tensor) mesh it runs per shard in
+    `shard_map`, since GSPMD would otherwise replicate an opaque kernel call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and set(sharding.MESH_AXES) <= set(mesh.axis_names):
+        return attention_sharded(
+            q, k, v, mesh=mesh, segment_ids=segment_ids, causal=True, implementation=impl
+        )
+    return kernel_attention(q, k, v, segment_ids=segment_ids, causal=True, implementation=impl)
+
+
 def resolve_attention_impl(config: LlamaConfig) -> str:
     """The attention implementation for this config on the default backend."""
     if config.attention_impl != "auto":
@@ -437,14 +450,7 @@ class Attention(nn.Module):
         if impl == "xla":  # the [B, T, S] mask already carries causality by position
             out = kernel_attention(q, key, value.astype(dtype), mask=mask, causal=False)
         else:  # fused kernels take padding as segment ids and causality by index
-            out = kernel_attention(
-                q,
-                key,
-                value.astype(dtype),
-                segment_ids=segment_ids,
-                causal=True,
-                implementation=impl,
-            )  # [B, T, N, H]
+            out = _fused_attention(q, key, value.astype(dtype), segment_ids, impl)
         return _dot("BTNH,NHD->BTD", out, wo, dtype)
 
 
