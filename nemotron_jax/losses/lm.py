@@ -30,6 +30,32 @@ def token_logprobs_reference(logits: jax.Array, targets: jax.Array) -> jax.Array
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _logprobs(hidden, lm_head, labels, implementation):
+    """log p(labels) [B, L] from hidden [B, L, D]. Pallas kernels run per shard in `shard_map`
+    under a (data, fsdp, tensor) mesh (GSPMD would replicate them); the pure-JAX paths are left
+    to GSPMD."""
+    from nemotron_jax.kernels import token_logprobs, token_logprobs_sharded
+    from nemotron_jax.sharding import MESH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    b, length, d = hidden.shape
+    if (
+        implementation.startswith("pallas")
+        and not mesh.empty
+        and set(MESH_AXES) <= set(mesh.axis_names)
+    ):
+        # Tokens of one example stay on the example's devices: flatten batch-major.
+        flat = token_logprobs_sharded(
+            hidden.reshape(b * length, d),
+            lm_head,
+            labels.reshape(b * length),
+            mesh=mesh,
+            implementation=implementation,
+        )
+        return flat.reshape(b, length)
+    return token_logprobs(hidden, lm_head, labels, implementation=implementation)
+
+
 def sft_fused(
     outputs: tuple[jax.Array, jax.Array],
     batch: Mapping[str, Any],
@@ -48,14 +74,10 @@ def sft_fused(
         As `sft`, with the metric `token_nll` (mean -log p per target token) in place of
         `token_accuracy`, which would need every logit.
     """
-    from nemotron_jax.kernels import token_logprobs
-
     hidden, lm_head = outputs
     tokens = jnp.asarray(batch["tokens"])
     mask = jnp.asarray(batch["loss_mask"])[:, 1:].astype(bool)  # [B, T-1]
-    logp = token_logprobs(
-        hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation=implementation
-    )
+    logp = _logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
     loss = jnp.sum(jnp.where(mask, -logp, 0.0), axis=-1)
     weight = jnp.sum(mask, axis=-1).astype(jnp.float32)
     return loss, weight, {"token_nll": (loss / jnp.maximum(weight, 1.0), weight)}

@@ -96,3 +96,24 @@ def test_sft_fused_equals_sft_on_logits():
     g_ref = jax.grad(lambda h: sft(jnp.einsum("btd,dv->btv", h, head), batch)[0].sum())(hidden)
     g = jax.grad(lambda h: sft_fused((h, head), batch)[0].sum())(hidden)
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+def test_sft_fused_pallas_per_shard_under_mesh():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nemotron_jax import sharding
+    from nemotron_jax.losses.lm import sft_fused
+
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(4, 9, 16)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)
+    batch = {"tokens": rng.integers(0, 64, (4, 9)), "loss_mask": np.ones((4, 9), np.int32)}
+    want = sft_fused((hidden, head), batch, implementation="reference")[0]
+    mesh = sharding.make_mesh((2, 2, 2))
+    fn = jax.jit(lambda h, w: sft_fused((h, w), batch, implementation="pallas_interpret")[0])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        got = fn(hidden, head)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
