@@ -1,16 +1,18 @@
 """One reward-model training step on CPU: nemotron_jax (jitted) against transformers, f32 and bf16.
 
-Run with `python benchmarks/reward_step.py` (`--no-append` to only print; `--help` for flags).
+Run with `python benchmarks/reward_step.py` (`--no-append` to only print; `--help` lists flags).
 
 A step is forward + backward + AdamW on a batch of pairs [B, 2, T] with the Scaled BT loss. One
 random `LlamaForCausalLM` is built locally, saved with `save_pretrained` and loaded with
-`load_hf`; its backbone plus one head column feeds both `RewardModel` (head slot 4) and
-`LlamaForSequenceClassification(num_labels=1)`. JAX: `make_train_step` + `make_optimizer`,
-jitted once with the state donated. torch: the same loss, `clip_grad_norm_(1.0)` and
-`torch.optim.AdamW` (same betas, eps, decay; norms undecayed as in `decay_mask`). bf16 is mixed
-precision for both: float32 params, bf16 compute (`dtype="bfloat16"` / `torch.autocast`).
-Targets (informational, exit code 0): jax >= 1.0x torch in f32, >= 1.2x in bf16, CPU-MFU >= 55%
-with model FLOPs = 6 N tokens + causal attention (docs: shared performance.md §6.2).
+`load_hf`; its backbone feeds both `RewardModel` and `LlamaForSequenceClassification
+(num_labels=1)`, whose score row becomes the head's helpfulness column (slot 4, bias 0), so both
+compute the same reward. JAX: `make_train_step` + `make_optimizer`, jitted once, state donated.
+torch: the same loss, `clip_grad_norm_(1.0)` and `torch.optim.AdamW` (same betas, eps and
+decay; norms undecayed, as `decay_mask`). bf16 is mixed precision in both: float32 params,
+bf16 compute (`dtype="bfloat16"` / `torch.autocast`). The two frameworks alternate step by step.
+Targets (informational, exit 0): jax >= 1.0x torch in f32, >= 1.2x in bf16, CPU-MFU >= 55%
+(model FLOPs: 6 N tokens + causal attention, performance.md §6.2). Appends a section to
+docs/benchmarks.md unless `--no-append`. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -40,19 +42,17 @@ from nemotron_jax.train.steps import make_train_step
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 TARGETS = {"float32": 1.0, "bfloat16": 1.2}  # jax / torch speed
 MFU_TARGET = 0.55  # of the dtype's CPU peak
+OPTIM = dict(lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", "-B", type=int, default=4, help="pairs per batch (2B sequences)")
     p.add_argument("--seq", "-T", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--intermediate", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=32000)
+    for name, default in [("hidden", 512), ("layers", 4), ("heads", 8), ("kv-heads", 2)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in [("head-dim", 64), ("intermediate", 1536), ("vocab", 32000)]:
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed steps per case")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--peak-f32", type=float, default=190.0, help="GFLOP/s for CPU-MFU")
@@ -68,110 +68,97 @@ def parse_args() -> argparse.Namespace:
 def hf_config(a: argparse.Namespace) -> transformers.LlamaConfig:
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}
     rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    sizes = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate)
+    heads = dict(num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.head_dim)
     return transformers.LlamaConfig(
-        vocab_size=a.vocab,
-        hidden_size=a.hidden,
-        intermediate_size=a.intermediate,
+        **sizes,
+        **heads,
         num_hidden_layers=a.layers,
-        num_attention_heads=a.heads,
-        num_key_value_heads=a.kv_heads,
-        head_dim=a.head_dim,
         max_position_embeddings=max(131072, a.seq),
         rope_theta=500000.0,
         rope_scaling=rope,
-        tie_word_embeddings=False,
-        pad_token_id=0,  # tokens are drawn from 1..V-1, so every row ends at T - 1
+        pad_token_id=0,  # tokens are drawn from 1..V-1, so every row is read at T - 1
         num_labels=1,
         attn_implementation="sdpa",
     )
 
 
 def model_flops(c: transformers.LlamaConfig, seqs: int, t: int) -> float:
-    """Training FLOPs: 6 x matmul params (no embedding; the 1-token head is ignored) x tokens,
-    plus attention 3 x 4 S^2 N H per layer and sequence, halved for the causal mask."""
+    """Training FLOPs per step: 6 x matmul params (the embedding is a gather; the one-token head
+    is negligible) x tokens, plus attention 3 x 4 T^2 N H per layer and sequence, halved for the
+    causal mask."""
     d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    f = c.intermediate_size
-    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * c.intermediate_size
     attention = 3 * 4 * t * t * n * h / 2
-    return c.num_hidden_layers * (6 * per_layer * seqs * t + attention * seqs)
+    return c.num_hidden_layers * seqs * (6 * per_layer * t + attention)
 
 
-def torch_step_fn(model, args, autocast: bool):
-    decay = [p for n, p in model.named_parameters() if "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
+def torch_step_fn(model, pairs: int, autocast: bool):
+    named = list(model.named_parameters())
+    no_decay = {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}
+    groups = [{"params": [p for n, p in named if "norm" not in n]}, no_decay]
+    betas, wd = (OPTIM["b1"], OPTIM["b2"]), OPTIM["weight_decay"]
+    opt = torch.optim.AdamW(groups, lr=OPTIM["lr"], betas=betas, eps=OPTIM["eps"], weight_decay=wd)
 
     def step(tokens, mask, strength):
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
-        r = logits.float().view(args.pairs, 2)
+        r = logits.float().view(pairs, 2)
         row1, scored = strength >= 0, strength != 0  # as nemotron_jax.losses.reward._pairs
         delta = torch.where(row1, r[:, 1] - r[:, 0], r[:, 0] - r[:, 1])
         per_pair = strength.abs() * -torch.nn.functional.logsigmoid(delta)
         loss = torch.where(scored, per_pair, 0.0).sum() / scored.sum().clamp(min=1)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["clip_norm"])
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
 def jax_step_fn(config, params, dtype: str):
-    config = config.replace(dtype=dtype, param_dtype="float32")
-    model = RewardModel(config)
+    model = RewardModel(config.replace(dtype=dtype, param_dtype="float32"))
     apply = lambda p, b: model.apply({"params": p}, b["tokens"], attention_mask=b["attention_mask"])
-    optim = dict(lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
-    optim |= dict(warmup_steps=0, schedule="constant", min_lr=0.0)
+    optim = {**OPTIM, "warmup_steps": 0, "schedule": "constant", "min_lr": 0.0}
     tx = make_optimizer(ml_collections.ConfigDict(optim), total_steps=1000)
     loss_fn = functools.partial(scaled_bt, slot=HELPFULNESS_SLOT)
     step = jax.jit(make_train_step(apply, loss_fn, tx), donate_argnums=0)
-    params = jax.tree.map(jnp.asarray, params)  # fresh device copies: the state is donated
+    params = jax.tree.map(jnp.array, params)  # fresh copies: the state is donated
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     return step, state
 
 
 def bench(seqcls, config, params, batch, torch_batch, dtype, args):
-    """Per-framework step times (interleaved), jax compile time and both first-step losses."""
+    """Step times per framework, jax compile seconds and both first-step losses."""
     seqcls.train()
-    tstep = torch_step_fn(seqcls, args, autocast=dtype == "bfloat16")
+    tstep = torch_step_fn(seqcls, args.pairs, autocast=dtype == "bfloat16")
     jstep, state = jax_step_fn(config, params, dtype)
     t0 = time.perf_counter()
     state, metrics = jstep(state, batch)
-    loss_sum, weight_sum = metrics["loss"]
-    jax_loss = float(loss_sum) / float(weight_sum)
+    jax_loss = float(metrics["loss"][0]) / float(metrics["loss"][1])
     compile_s = time.perf_counter() - t0
     torch_loss = tstep(*torch_batch)
 
     def run_jax():
         nonlocal state
         state, m = jstep(state, batch)
-        jax.block_until_ready((state, m))
+        jax.block_until_ready((state, m))  # dispatch is asynchronous
 
-    run_torch = lambda: tstep(*torch_batch)
-    run_jax(), run_torch()  # warm-up: allocator growth, kernel selection
+    runs = {"torch": lambda: tstep(*torch_batch), "jax": run_jax}
     times = {"torch": [], "jax": []}
-    for _ in range(args.repeats):  # interleaved, so a busy spell hits both alike
-        times["torch"].append(timeit(run_torch))
-        times["jax"].append(timeit(run_jax))
+    for i in range(args.repeats + 1):  # alternated, so a busy spell slows both alike
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if i:  # the first round warms up allocators and kernel selection
+                times[name].append(time.perf_counter() - t0)
     return times, compile_s, torch_loss, jax_loss
 
 
-def timeit(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in info if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
 
@@ -189,29 +176,26 @@ def main() -> None:
     seqcls = transformers.LlamaForSequenceClassification(cfg)
     seqcls.model.load_state_dict(causal.model.state_dict())
     del causal
-    # A 9-slot head whose helpfulness column is torch's score row (other columns unread by the
-    # loss), bias 0: both models compute the same reward.
     kernel = np.random.default_rng(args.seed).normal(0, 0.02, (args.hidden, 9)).astype(np.float32)
     kernel[:, HELPFULNESS_SLOT] = seqcls.score.weight.detach().numpy()[0]
-    head = {"kernel": kernel, "bias": np.zeros(9, np.float32)}
-    params = reward_params_from_backbone(backbone, head)
+    params = reward_params_from_backbone(backbone, {"kernel": kernel, "bias": np.zeros(9, "f4")})
     init_state = {k: v.detach().clone() for k, v in seqcls.state_dict().items()}
 
     rng = np.random.default_rng(args.seed + 1)
     b, t = args.pairs, args.seq
     tokens = rng.integers(1, args.vocab, size=(b, 2, t), dtype=np.int32)
-    mask = np.ones_like(tokens)
     strength = rng.choice([-3, -2, -1, 1, 2, 3], size=b).astype(np.int32)  # no ties
-    batch = {"tokens": tokens, "attention_mask": mask, "strength": strength}
+    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "strength": strength}
     batch["example_weight"] = np.ones(b, np.float32)  # as the training loop adds
+    torch_batch = [
+        torch.from_numpy(x.reshape(2 * b, t)).long() for x in (tokens, np.ones_like(tokens))
+    ]
+    torch_batch.append(torch.from_numpy(strength))
     batch = jax.tree.map(jnp.asarray, batch)
-    tt = [torch.from_numpy(x.reshape(2 * b, t)).long() for x in (tokens, mask)]
-    ts = torch.from_numpy(strength)
 
     ntok, flops = 2 * b * t, model_flops(cfg, 2 * b, t)
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    print(f"{machine()}; {load}")
-    print(f"torch threads {torch.get_num_threads()}; model {flops / 1e9:.1f} GFLOP/step")
+    print(f"{machine()}; {load}\ntorch threads {torch.get_num_threads()}")
     lines = [
         "| dtype | framework | median s | best s | tok/s (best) | CPU-MFU (best) | jax/torch "
         "| target |",
@@ -219,39 +203,35 @@ def main() -> None:
     ]
     first_loss = {}
     for dtype in args.dtypes.split(","):
-        seqcls.load_state_dict(init_state)  # both start from the same weights in every dtype
+        seqcls.load_state_dict(init_state)  # every case starts from the same weights
         times, compile_s, first_loss["torch", dtype], first_loss["jax", dtype] = bench(
-            seqcls, config, params, batch, (*tt, ts), dtype, args
+            seqcls, config, params, batch, torch_batch, dtype, args
         )
         peak = args.peak_f32 if dtype == "float32" else args.peak_bf16
-        ratio = min(times["torch"]) / min(times["jax"])  # best of N: least disturbed by load
+        ratio = min(times["torch"]) / min(times["jax"])  # best of N: the least disturbed
         for fw in ("torch", "jax"):
             best, med = min(times[fw]), statistics.median(times[fw])
             mfu = flops / best / (peak * 1e9)
-            verdict = ratio >= TARGETS[dtype] and mfu >= MFU_TARGET
-            verdict = f"{'PASS' if verdict else 'MISS'} (>= {TARGETS[dtype]}x, MFU >= {MFU_TARGET:.0%})"
+            ok = ratio >= TARGETS[dtype] and mfu >= MFU_TARGET
+            verdict = f"{'PASS' if ok else 'MISS'} (>= {TARGETS[dtype]}x, MFU >= {MFU_TARGET:.0%})"
             extra = f"{ratio:.2f}x | {verdict}" if fw == "jax" else " | "
             lines.append(
                 f"| {dtype} | {fw} | {med:.3f} | {best:.3f} | {ntok / best:,.0f} | {mfu:.1%} "
                 f"| {extra} |"
             )
-        print(
-            f"{dtype}: torch best {min(times['torch']):.3f} s, jax best {min(times['jax']):.3f} s"
-            f" (jax compile {compile_s:.1f} s); load {os.getloadavg()[0]:.2f}"
-        )
+        print(f"{dtype}: jax compile {compile_s:.1f} s; load now {os.getloadavg()[0]:.2f}")
     table = "\n".join(lines)
-    diffs = [
+    sanity = "First-step Scaled BT loss (same weights and batch): " + "; ".join(
         f"{d} jax {first_loss['jax', d]:.6f} torch {first_loss['torch', d]:.6f} "
         f"(|diff| {abs(first_loss['jax', d] - first_loss['torch', d]):.1e})"
         for d in args.dtypes.split(",")
-    ]
-    sanity = "First-step Scaled BT loss: " + "; ".join(diffs) + "."
+    )
     shape = (
         f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv "
         f"heads, head_dim {args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}, "
         f"llama3 rope; {b} pairs x 2 x {t} tokens = {ntok} tokens/step, no padding; "
         f"{flops / 1e9:.1f} GFLOP/step; CPU-MFU vs {args.peak_f32:g} (f32) / "
-        f"{args.peak_bf16:g} (bf16) GFLOP/s; N={args.repeats}, interleaved"
+        f"{args.peak_bf16:g} (bf16) GFLOP/s; N={args.repeats}, frameworks alternated"
     )
     print(f"\n{shape}\n\n{table}\n\n{sanity}")
     if args.append is not None:
@@ -266,10 +246,8 @@ def main() -> None:
             f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
         )
         args.append.parent.mkdir(parents=True, exist_ok=True)
-        if not args.append.exists():
-            args.append.write_text("# Benchmarks\n")
         with args.append.open("a") as f:
-            f.write(section)
+            f.write(("" if args.append.stat().st_size else "# Benchmarks\n") + section)
         print(f"appended to {args.append}")
 
 
