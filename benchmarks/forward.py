@@ -16,7 +16,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,19 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from common import append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.convert import load_hf
 from nemotron_jax.models import Llama
 
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-DOC_INTRO = (
-    "Forward-pass throughput of nemotron_jax (jitted XLA:CPU) against Hugging Face transformers\n"
-    "(eager PyTorch, SDPA attention) on the same random tiny Llama-3.1 and the same batch, in\n"
-    "float32 and bfloat16. Each section is one run of `benchmarks/forward.py` (`make\n"
-    "bench-forward`): best and median of N timed forward passes after warm-up, reported as\n"
-    "tokens/s = B*T/time. The target is jax >= 1.0x torch in both dtypes. CPU timings are noisy;\n"
-    "compare sections only when taken on the same machine.\n"
-)
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,17 +108,6 @@ def bench_jax(config, params, tokens, mask, dtype, args):
     return best, med, np.asarray(out)
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln)
-    except (OSError, StopIteration):
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
-
-
 def main() -> None:
     args = parse_args()
     if args.torch_threads:
@@ -193,12 +174,7 @@ def main() -> None:
         section = f"\n## {stamp}\n\n- Machine: {machine()}; {load} at start\n"
         section += f"- Versions: {versions}\n"
         section += f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
-        args.append.parent.mkdir(parents=True, exist_ok=True)
-        if not args.append.exists():
-            args.append.write_text(f"# Benchmarks\n\n{DOC_INTRO}")
-        with args.append.open("a") as f:
-            f.write(section)
-        print(f"appended to {args.append}")
+        append_section(args.append, section)
 
 
 if __name__ == "__main__":

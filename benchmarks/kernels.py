@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from common import append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.kernels import token_logprobs
 from nemotron_jax.kernels.logprobs import chunked
@@ -134,11 +134,9 @@ def main() -> None:
 
     if args.append is not None:
         date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        cpu = platform.processor() or platform.machine()
         section = (
             f"\n## Fused token log-probs ({date})\n\n"
-            f"- Machine: {jax.devices()[0].device_kind}, {os.cpu_count()} cores ({cpu}), "
-            f"backend {jax.default_backend()}\n"
+            f"- Machine: {machine()}, backend {jax.default_backend()}\n"
             f"- Versions: jax {jax.__version__}, jaxlib {jax.lib.__version__}, "
             f"python {platform.python_version()}\n"
             f"- Config: V={args.v}, {args.dtype}, best of {args.repeats} after a warm-up; temp is "
@@ -146,12 +144,7 @@ def main() -> None:
             f"hidden and lm_head; targets: chunked >= {MEM_TARGET:.0f}x less fwd+bwd temp "
             f"memory and <= {TIME_TARGET}x fwd+bwd time\n\n" + "\n".join(lines) + "\n"
         )
-        args.append.parent.mkdir(parents=True, exist_ok=True)
-        if not args.append.exists():
-            args.append.write_text("# Benchmarks\n")
-        with args.append.open("a") as f:
-            f.write(section)
-        print(f"appended to {args.append}")
+        append_section(args.append, section)
 
 
 if __name__ == "__main__":

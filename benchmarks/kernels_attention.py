@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from common import append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.kernels.attention import attention
 
@@ -103,8 +103,8 @@ def main() -> None:
         [
             f"## kernels_attention.py, {datetime.date.today().isoformat()}",
             "",
-            f"{platform.node()}, {platform.processor() or platform.machine()}, jax "
-            f"{jax.__version__}, {jax.devices()[0].device_kind}; dtype {args.dtype}, "
+            f"{machine()}, jax {jax.__version__}, {jax.devices()[0].device_kind}; "
+            f"dtype {args.dtype}, "
             f"causal={args.causal}, best/median of {args.repeats} runs.",
             "",
             note,
@@ -116,12 +116,7 @@ def main() -> None:
     print()
     print(section)
     if args.append:
-        args.doc.parent.mkdir(parents=True, exist_ok=True)
-        if not args.doc.exists():
-            args.doc.write_text("# Benchmarks\n\n")
-        with args.doc.open("a") as f:
-            f.write("\n" + section)
-        print(f"appended to {args.doc}")
+        append_section(args.doc, section)
 
 
 if __name__ == "__main__":

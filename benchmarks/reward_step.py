@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import torch
 import transformers
+from common import append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.convert import load_hf
 from nemotron_jax.losses.reward import scaled_bt
@@ -156,13 +157,6 @@ def bench(seqcls, config, params, batch, torch_batch, dtype, args):
     return times, compile_s, torch_loss, jax_loss
 
 
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM"
-
-
 def main() -> None:
     args = parse_args()
     if args.torch_threads:
@@ -245,10 +239,7 @@ def main() -> None:
             f"- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
             f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
         )
-        args.append.parent.mkdir(parents=True, exist_ok=True)
-        with args.append.open("a") as f:
-            f.write(("" if args.append.stat().st_size else "# Benchmarks\n") + section)
-        print(f"appended to {args.append}")
+        append_section(args.append, section)
 
 
 if __name__ == "__main__":

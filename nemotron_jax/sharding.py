@@ -125,6 +125,17 @@ def shardings_for(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES)
     )
 
 
+def active_mesh():
+    """The mesh set by `jax.set_mesh` if it has the (data, fsdp, tensor) axes, else None.
+
+    Opaque kernel calls (Pallas, cuDNN) use it to run per shard in `shard_map`; GSPMD would
+    otherwise replicate them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Sharding constraint by logical names; a no-op unless logical rules are active."""
     return nn.with_logical_constraint(x, names)

@@ -50,7 +50,7 @@ from nemotron_jax.data.pipeline import preference_splits
 from nemotron_jax.eval import rewardbench
 from nemotron_jax.metrics import read_metrics
 from nemotron_jax.train import run_experiment
-from nemotron_jax.train.objectives import _data_dir
+from nemotron_jax.train.objectives import data_dir
 
 os.chdir(REPO)  # relative paths (workdirs, the synthetic-data cache) are the repository's
 SMOKE = os.environ.get("NOTEBOOK_SMOKE") == "1"
@@ -110,7 +110,7 @@ plt.show()
 
 # %%
 first = config.stages[stages[0]]
-pref_path = helpsteer2.find_helpsteer2_file(_data_dir(first), "preference")
+pref_path = helpsteer2.find_helpsteer2_file(data_dir(first), "preference")
 rows, _ = helpsteer2.read_preferences(pref_path)
 val_pairs = [r for r in preference_splits(rows)["validation"] if r.preference_strength]
 strength = np.array([abs(r.preference_strength) for r in val_pairs])

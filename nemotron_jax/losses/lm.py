@@ -35,15 +35,11 @@ def _logprobs(hidden, lm_head, labels, implementation):
     under a (data, fsdp, tensor) mesh (GSPMD would replicate them); the pure-JAX paths are left
     to GSPMD."""
     from nemotron_jax.kernels import token_logprobs, token_logprobs_sharded
-    from nemotron_jax.sharding import MESH_AXES
+    from nemotron_jax.sharding import active_mesh
 
-    mesh = jax.sharding.get_abstract_mesh()
     b, length, d = hidden.shape
-    if (
-        implementation.startswith("pallas")
-        and not mesh.empty
-        and set(MESH_AXES) <= set(mesh.axis_names)
-    ):
+    mesh = active_mesh() if implementation.startswith("pallas") else None
+    if mesh is not None:
         # Tokens of one example stay on the example's devices: flatten batch-major.
         flat = token_logprobs_sharded(
             hidden.reshape(b * length, d),

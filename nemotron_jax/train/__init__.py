@@ -39,9 +39,6 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
         print("=== evaluation ===")
         evaluation = recipe.run_evaluation(config, workdir)
         results["evaluation"] = {
-            stage: r["report"]["overall"]["score"]
-            if r["report"]["sections"]
-            else sum(v["correct"] for v in r["report"]["subsets"].values()) / r["report"]["rows"]
-            for stage, r in evaluation.items()
+            stage: recipe.headline(r["report"]) for stage, r in evaluation.items()
         }
     return results

@@ -228,7 +228,7 @@ def load_tokenizer(params_dir: str, metadata: dict[str, Any]):
     )
 
 
-def _data_dir(config) -> Path:
+def data_dir(config) -> Path:
     from nemotron_jax.data import synthetic
 
     d = config.data
@@ -311,14 +311,14 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 def build_data(config, objective: Objective) -> DataBundle:
     from nemotron_jax.data.pipeline import encode, make_dataset
 
-    data_dir = _data_dir(config)
-    tokenizer = _tokenizer(config, data_dir)
+    root = data_dir(config)
+    tokenizer = _tokenizer(config, root)
     if tokenizer.vocab_size > objective.model_config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{objective.model_config.vocab_size}"
         )
-    train_rows, eval_rows, read_report = _rows(config, objective, data_dir)
+    train_rows, eval_rows, read_report = _rows(config, objective, root)
     kind = {"regression": "regression", "sft": "sft"}.get(objective.name, "pairs")
     options = dict(
         kind=kind,
@@ -347,42 +347,15 @@ def build_data(config, objective: Objective) -> DataBundle:
             n = len(batch["tokens"])
             if n < config.eval_batch_size:
                 batch = _pad_batch(batch, config.eval_batch_size)
-            else:
+            else:  # same keys in every eval batch: one compiled eval step
                 batch["example_weight"] = np.ones(n, np.float32)
             eval_batches.append(batch)
-        # Training batches carry the same keys, so one jitted step signature serves both.
     report = {
-        "data_dir": str(data_dir),
+        "data_dir": str(root),
         "read": read_report,
         "train_encoding": train.report.summary(),
         "eval_encoding": evals.report.summary(),
         "train_examples": len(train),
         "eval_examples": len(evals),
     }
-    return DataBundle(_WithWeight(train_ds), eval_batches, report, tokenizer)
-
-
-class _WithWeight:
-    """Adds example_weight = 1 to every training batch (eval batches carry 0 on padding)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __iter__(self):
-        return _WeightIterator(iter(self.ds))
-
-
-class _WeightIterator:
-    def __init__(self, it):
-        self.it = it
-
-    def __next__(self):
-        batch = dict(next(self.it))
-        batch["example_weight"] = np.ones(len(batch["tokens"]), np.float32)
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
+    return DataBundle(train_ds, eval_batches, report, tokenizer)

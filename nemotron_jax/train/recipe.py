@@ -27,9 +27,9 @@ def _validation_pairs(stage_config) -> list:
     """The tuned stage's validation preference pairs, ties dropped (as its training did)."""
     from nemotron_jax.data import helpsteer2
     from nemotron_jax.data.pipeline import preference_splits
-    from nemotron_jax.train.objectives import _data_dir
+    from nemotron_jax.train.objectives import data_dir
 
-    path = helpsteer2.find_helpsteer2_file(_data_dir(stage_config), "preference")
+    path = helpsteer2.find_helpsteer2_file(data_dir(stage_config), "preference")
     rows, _ = helpsteer2.read_preferences(path, on_bad_row=stage_config.data.on_bad_row)
     return [r for r in preference_splits(rows)["validation"] if r.preference_strength]
 
@@ -69,12 +69,12 @@ def run_expo(config, workdir: str) -> dict[str, Any]:
 def _eval_file(config, workdir: str) -> Path | None:
     if config.evaluate.data:
         return Path(config.evaluate.data)
-    from nemotron_jax.train.objectives import _data_dir
+    from nemotron_jax.train.objectives import data_dir
 
     first = config.stages[sorted(config.stages)[0]]
     if first.data.source != "synthetic":
         return None
-    return _data_dir(first) / "rewardbench" / "filtered.jsonl"
+    return data_dir(first) / "rewardbench" / "filtered.jsonl"
 
 
 def run_evaluation(config, workdir: str) -> dict[str, Any]:
@@ -103,6 +103,14 @@ def run_evaluation(config, workdir: str) -> dict[str, Any]:
     return results
 
 
+def headline(report: dict[str, Any]) -> float | None:
+    """The Overall column: RewardBench's overall (mean of sections) on RewardBench data, else
+    accuracy pooled over every row."""
+    if report["sections"]:
+        return report["overall"]["score"]
+    return sum(v["correct"] for v in report["subsets"].values()) / max(report["rows"], 1)
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -124,14 +132,13 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     for r in results.values():
         rep = r["report"]
+        overall = headline(rep)
         if in_rewardbench:
-            overall = rep["overall"]["score"]
             cells = [
                 _pct(sec.get("score")) + ("*" if sec.get("partial") else "")
                 for sec in (rep["sections"].get(s, {}) for s in columns)
             ]
         else:
-            overall = sum(v["correct"] for v in rep["subsets"].values()) / max(rep["rows"], 1)
             cells = [_pct(rep["subsets"].get(s, {}).get("accuracy")) for s in columns]
         lines.append(
             f"| {r['group']} | {r['variant']} | {_pct(overall)} | " + " | ".join(cells) + " |"
