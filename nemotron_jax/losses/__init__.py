@@ -17,6 +17,7 @@
 
 Losses: `regression`, `regular_bt`, `margin_bt`, `scaled_bt` (NeMo-Aligner's names; see
 `losses/reward.py`) and `sft` (`losses/lm.py`).
+`reinforce` (`losses/reinforce.py`): NeMo-Aligner REINFORCE policy gradient with an RLOO baseline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ import jax.numpy as jnp
 
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs_reference
+from nemotron_jax.losses.reinforce import (
+    KL_ESTIMATORS,
+    KL_REDUCTIONS,
+    reinforce,
+    reinforce_advantages,
+    rloo_baseline,
+    sequence_kl,
+    token_kl,
+)
 from nemotron_jax.losses.reward import (
     NORMALIZATIONS,
     TIE_POLICIES,
@@ -48,6 +58,7 @@ LOSSES: dict[str, LossFn] = {
     "scaled_bt": scaled_bt,
     "sft": sft,
     "sft_fused": sft_fused,
+    "reinforce": reinforce,
 }
 
 
@@ -91,6 +102,8 @@ def reduce_metrics(metrics: Mapping[str, tuple[Any, Any]]) -> dict[str, jax.Arra
 
 
 __all__ = [
+    "KL_ESTIMATORS",
+    "KL_REDUCTIONS",
     "LOSSES",
     "NORMALIZATIONS",
     "TIE_POLICIES",
@@ -104,7 +117,12 @@ __all__ = [
     "reduce_metrics",
     "regression",
     "regular_bt",
+    "reinforce",
+    "reinforce_advantages",
+    "rloo_baseline",
     "scaled_bt",
+    "sequence_kl",
     "sft",
+    "token_kl",
     "token_logprobs_reference",
 ]

@@ -213,7 +213,9 @@ def test_regression_example_mask_and_shapes():
 
 
 def test_registry_and_option_errors():
-    assert set(LOSSES) == {"regression", "regular_bt", "margin_bt", "scaled_bt", "sft", "sft_fused"}
+    assert set(LOSSES) == {
+        "regression", "regular_bt", "margin_bt", "scaled_bt", "sft", "sft_fused", "reinforce"
+    }  # fmt: skip
     assert get_loss("scaled_bt") is scaled_bt
     with pytest.raises(ConfigError, match=r"unknown loss 'bt'; valid losses: \['margin_bt'"):
         get_loss("bt")

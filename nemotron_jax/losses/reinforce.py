@@ -1,0 +1,282 @@
+"""REINFORCE with a leave-one-out (RLOO) baseline, as in NeMo-Aligner (spec §4.2), with the
+TRL RLOO variants (spec §6.2) as options.
+
+The pieces, in the order a rollout step uses them:
+
+1. `token_kl` / `sequence_kl`: KL(pi || pi_ref) estimated on the sampled response tokens.
+   NeMo: |k1| per token (`use_absolute_kl: True`), masked mean over the response.
+   TRL: signed k1, summed over the response.
+2. `reinforce_advantages`: KL-shaped reward R - beta * KL, its leave-one-out baseline
+   (`rloo_baseline`) and the advantage. NeMo: beta = `initial_policy_kl_penalty` (0.01), only
+   EOS-terminated siblings in the baseline. TRL: every sibling.
+3. `reinforce`: the policy-gradient loss -A * log pi(y), under the contract of
+   `nemotron_jax.losses` (objective = sum(loss) / sum(weight)). No probability ratio, no
+   clipping, no value network, no entropy bonus (NeMo REINFORCE; TRL's sequence-level PPO clip
+   is not implemented).
+
+All functions are pure, return float32 and are jit-friendly once their string / float options
+are bound (they are static).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.losses.lm import _logprobs
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+KL_ESTIMATORS = ("abs_k1", "k1", "k3")
+KL_REDUCTIONS = ("mean", "sum")
+REINFORCE_NORMALIZATIONS = ("sequence", "token")
+
+
+def _check_option(kind: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {kind} {value!r}; valid: {list(valid)}")
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def token_kl(logp: jax.Array, ref_logp: jax.Array, estimator: str) -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens.
+
+    With r = ref_logp - logp = log(pi_ref / pi) at the sampled token:
+
+    - "k1": logp - ref_logp = -r (unbiased, can be negative; TRL RLOO).
+    - "abs_k1": |logp - ref_logp| (NeMo-Aligner's default, `use_absolute_kl: True`; NeMo's
+      `use_absolute_kl: False` is "k1").
+    - "k3": exp(r) - 1 - r (Schulman's low-variance, non-negative, unbiased estimator).
+
+    Args:
+        logp: [B, T] log pi(y_t) of the sampled tokens.
+        ref_logp: [B, T] log pi_ref(y_t) of the same tokens.
+        estimator: one of `KL_ESTIMATORS`.
+
+    Returns:
+        [B, T] float32 (no masking: padding positions hold whatever the inputs give).
+    """
+    _check_option("KL estimator", estimator, KL_ESTIMATORS)
+    logp, ref_logp = _f32(logp), _f32(ref_logp)
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp {logp.shape} and ref_logp {ref_logp.shape} differ in shape")
+    k1 = logp - ref_logp
+    if estimator == "k1":
+        return k1
+    if estimator == "abs_k1":
+        return jnp.abs(k1)
+    r = -k1
+    return jnp.expm1(r) - r  # exp(r) - 1 - r; >= 0 after rounding too, since expm1(r) >= r
+
+
+def sequence_kl(
+    logp: jax.Array,
+    ref_logp: jax.Array,
+    mask: jax.Array,
+    estimator: str = "abs_k1",
+    reduce: str = "mean",
+) -> jax.Array:
+    """Per-sequence KL estimate: `token_kl` reduced over the response tokens.
+
+    Args:
+        logp, ref_logp: [B, T] log-probs of the sampled tokens under pi and pi_ref.
+        mask: [B, T], nonzero on response tokens (NeMo's mask includes the EOS token).
+        estimator: one of `KL_ESTIMATORS` ("abs_k1" is NeMo's default, "k1" TRL's).
+        reduce: "mean" over the response tokens (NeMo) or "sum" (TRL).
+
+    Returns:
+        [B] float32; 0 for a sequence with an empty mask.
+    """
+    _check_option("KL reduction", reduce, KL_REDUCTIONS)
+    kl = token_kl(logp, ref_logp, estimator)
+    mask = jnp.asarray(mask).astype(bool)
+    if mask.shape != kl.shape:
+        raise ValueError(f"mask {mask.shape} does not match logp {kl.shape}")
+    total = jnp.sum(jnp.where(mask, kl, 0.0), axis=-1)
+    if reduce == "sum":
+        return total
+    count = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    return total / jnp.maximum(count, 1.0)
+
+
+def rloo_baseline(rewards: jax.Array, is_end: jax.Array, *, eos_only: bool = True) -> jax.Array:
+    """Leave-one-out baseline: for each sample, the mean reward of the OTHER samples of its prompt.
+
+    Args:
+        rewards: [P, K] float, K samples for each of P prompts (already KL-shaped).
+        is_end: [P, K] bool, True where the response ended with a stop token (EOS).
+        eos_only: True (NeMo): only siblings that ended (`is_end`) count, so truncated responses
+            are left out of every baseline (they still get one themselves). False (TRL): every
+            sibling counts and `is_end` is ignored.
+
+    Returns:
+        baseline [P, K] float32. `b_k = sum_{j != k} e_j R_j / sum_{j != k} e_j` with
+        e_j = is_end[j] (eos_only) or 1. When fewer than two samples of the prompt count
+        (sum_j e_j <= 1, NeMo's condition; never for eos_only=False since K >= 2), every
+        sample of the prompt gets its own reward (advantage 0), as NeMo does.
+
+    NeMo quirk, deliberately NOT copied (`ppo_utils.calculate_rloo_baseline`): NeMo computes
+    `b_k = sum_{j != k} e_j R_j / (sum_j e_j - 1)`. For an ended sample that is the mean above,
+    but for a truncated sample (e_k = 0) the numerator holds all sum_j e_j ended siblings while
+    the denominator is still sum_j e_j - 1, inflating its baseline by sum e / (sum e - 1). Here a
+    truncated sample's baseline is the true mean of its ended siblings.
+
+    Raises:
+        ConfigError: K < 2 (leave-one-out needs at least one sibling).
+    """
+    rewards = _f32(rewards)
+    is_end = jnp.asarray(is_end).astype(bool)
+    if rewards.ndim != 2 or is_end.shape != rewards.shape:
+        raise ValueError(
+            f"rloo_baseline needs rewards and is_end [P, K]; got {rewards.shape}, {is_end.shape}"
+        )
+    k = rewards.shape[1]
+    if k < 2:
+        raise ConfigError(
+            f"RLOO needs at least 2 samples per prompt (num_rollouts_per_prompt), got K={k}"
+        )
+    counts = is_end.astype(jnp.float32) if eos_only else jnp.ones_like(rewards)
+    # others[j, k] = 1 for j != k: an explicit [P, K, K] sum (K is small), not total - own,
+    # so a large reward does not cancel away the others' precision.
+    others = 1.0 - jnp.eye(k, dtype=jnp.float32)
+    weights = counts[:, :, None] * others  # [P, j, k]
+    other_sum = jnp.einsum("pj,pjk->pk", rewards, weights)
+    other_count = jnp.sum(weights, axis=1)  # [P, K]
+    enough = jnp.sum(counts, axis=1, keepdims=True) > 1.0  # NeMo: sum(e) <= 1 -> advantage 0
+    safe = jnp.where(enough, other_count, 1.0)  # enough implies other_count >= 1
+    return jnp.where(enough, other_sum / safe, rewards)
+
+
+def reinforce_advantages(
+    rewards: jax.Array,
+    kl: jax.Array,
+    is_end: jax.Array,
+    *,
+    beta: float,
+    eos_only: bool = True,
+) -> dict[str, jax.Array]:
+    """KL-shaped rewards, their RLOO baseline and the advantages (NeMo `generate_reinforce_data`).
+
+    Args:
+        rewards: [P, K] reward-model scores R (K samples of each of P prompts).
+        kl: [P, K] per-sequence KL estimates (`sequence_kl`: NeMo "abs_k1"/"mean", TRL
+            "k1"/"sum").
+        is_end: [P, K] bool, True where the response ended with EOS.
+        beta: KL coefficient >= 0 (NeMo `initial_policy_kl_penalty`, default 0.01; TRL 0.05).
+        eos_only: as for `rloo_baseline` (True: NeMo, False: TRL).
+
+    Returns:
+        {"shaped": R - beta * KL, "baseline": rloo_baseline(shaped), "advantage": shaped -
+        baseline}, each [P, K] float32. No advantage normalisation (neither NeMo nor TRL's
+        default does one).
+
+    Raises:
+        ConfigError: beta < 0, or K < 2.
+    """
+    if not isinstance(beta, jax.core.Tracer) and float(beta) < 0:
+        raise ConfigError(f"the KL coefficient beta must be >= 0, got {beta}")
+    rewards, kl = _f32(rewards), _f32(kl)
+    if kl.shape != rewards.shape:
+        raise ValueError(f"kl {kl.shape} does not match rewards {rewards.shape}")
+    shaped = rewards - beta * kl
+    baseline = rloo_baseline(shaped, is_end, eos_only=eos_only)
+    return {"shaped": shaped, "baseline": baseline, "advantage": shaped - baseline}
+
+
+def reinforce(
+    outputs: tuple[jax.Array, jax.Array],
+    batch: Mapping[str, Any],
+    *,
+    implementation: str = "chunked",
+    normalize: str = "sequence",
+) -> tuple[jax.Array, jax.Array, Metrics]:
+    """REINFORCE policy-gradient loss -A * log pi(y) (NeMo `megatron_gpt_reinforce_actor`).
+
+    Args:
+        outputs: (hidden [B, T, D], lm_head [D, V]), as `Llama.hidden_and_head` returns them
+            (exactly as for `sft_fused`).
+        batch:
+            - "tokens" int [B, T]: prompt + sampled response (+ padding).
+            - "response_mask" [B, T]: 1 on generated tokens (EOS included). Same shift as
+              `sft`'s `loss_mask`: token t is predicted by position t - 1, so
+              `response_mask[:, 0]` is ignored.
+            - "advantage" float [B]: per-sequence advantage (`reinforce_advantages`); treated as
+              a constant (stop_gradient).
+            - "ref_logprobs" float [B, T], optional: log pi_ref(tokens[t]) at t (aligned with
+              tokens, so [:, 0] is unused); only for the `kl_abs_k1` metric.
+        implementation: `nemotron_jax.kernels.token_logprobs` implementation ("chunked" on CPU,
+            "pallas" on GPUs).
+        normalize:
+            - "sequence" (NeMo with `micro_batch_size: 1`, every sequence equal weight):
+              loss_b = -A_b * mean_t log pi(y_t) over b's response tokens, weight_b = 1 if b has
+              any response token, else 0.
+            - "token" (one masked mean over every response token of the global batch, i.e.
+              NeMo's masked mean over a whole micro-batch): loss_b = -A_b * sum_t log pi(y_t),
+              weight_b = the number of b's response tokens.
+
+    Returns:
+        loss [B], weight [B] (objective `sum(loss) / sum(weight)`), and metrics, each
+        (values [B], weights [B]):
+            - "response_logp": mean log pi per response token (weighted by token count: the
+              batch value is the mean over all response tokens).
+            - "advantage": A (weight 1 per sequence).
+            - "kl_abs_k1" (only with "ref_logprobs"): mean |log pi - log pi_ref| per response
+              token with the CURRENT policy's log-probs (weighted by token count).
+
+    Not copied from NeMo: zeroing a micro-batch with no EOS-terminated response. Truncated
+    responses keep their gradient here, as in NeMo with micro_batch_size 1 otherwise.
+    """
+    _check_option("REINFORCE normalization", normalize, REINFORCE_NORMALIZATIONS)
+    hidden, lm_head = outputs
+    tokens = jnp.asarray(batch["tokens"])
+    response_mask = jnp.asarray(batch["response_mask"])
+    advantage = jax.lax.stop_gradient(_f32(batch["advantage"]))
+    b = tokens.shape[0]
+    if hidden.shape[:2] != tokens.shape or response_mask.shape != tokens.shape:
+        raise ValueError(
+            f"reinforce needs hidden [B, T, D], tokens and response_mask [B, T]; got "
+            f"{hidden.shape}, {tokens.shape}, {response_mask.shape}"
+        )
+    if advantage.shape != (b,):
+        raise ValueError(f"advantage must be [B] = [{b}], got {advantage.shape}")
+    mask = response_mask[:, 1:].astype(bool)  # [B, T-1]
+    logp = _logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
+    logp_sum = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)
+    n_tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    mean_logp = logp_sum / jnp.maximum(n_tokens, 1.0)
+    if normalize == "sequence":
+        loss = -advantage * mean_logp
+        weight = (n_tokens > 0).astype(jnp.float32)
+    else:
+        loss = -advantage * logp_sum
+        weight = n_tokens
+    metrics: Metrics = {
+        "response_logp": (jax.lax.stop_gradient(mean_logp), n_tokens),
+        "advantage": (advantage, jnp.ones((b,), jnp.float32)),
+    }
+    if batch.get("ref_logprobs") is not None:
+        ref = _f32(batch["ref_logprobs"])
+        if ref.shape != tokens.shape:
+            raise ValueError(f"ref_logprobs must be [B, T] = {tokens.shape}, got {ref.shape}")
+        kl = sequence_kl(jax.lax.stop_gradient(logp), ref[:, 1:], mask, "abs_k1", "mean")
+        metrics["kl_abs_k1"] = (kl, n_tokens)
+    return loss, weight, metrics
+
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "KL_REDUCTIONS",
+    "REINFORCE_NORMALIZATIONS",
+    "reinforce",
+    "reinforce_advantages",
+    "rloo_baseline",
+    "sequence_kl",
+    "token_kl",
+]
