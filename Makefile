@@ -1,6 +1,7 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11 and pip:
-#   make demo   set up .venv, then run the reward-model recipe (regression -> Scaled BT) on the
-#               generated synthetic HelpSteer2 data with the tiny model
+#   make demo   set up .venv, then on the generated synthetic HelpSteer2 data with the tiny model:
+#               the reward-model recipe (regression -> Scaled BT -> ExPO), an SFT policy, and
+#               REINFORCE of that policy against the recipe's reward model
 #   make test   set up .venv, then run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -21,8 +22,11 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf runs/demo_recipe
+	rm -rf runs/demo_recipe runs/demo_sft runs/demo_reinforce
 	$(PY) experiments/run.py --config experiments/configs/rm_recipe.py --workdir runs/demo_recipe
+	$(PY) experiments/run.py --config experiments/configs/sft.py --workdir runs/demo_sft
+	$(PY) experiments/run.py --workdir runs/demo_reinforce --config \
+		experiments/configs/reinforce.py:policy=runs/demo_sft/params,rm=runs/demo_recipe/3_expo/params
 
 demo-parity: $(STAMP)
 	$(PY) tools/demo_parity.py

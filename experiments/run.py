@@ -57,7 +57,17 @@ def print_summary(results) -> None:
         if "best_alpha" in metrics:
             print(f"  {name:<28} best alpha {metrics['best_alpha']}")
             continue
-        shown = {k: metrics[k] for k in ("accuracy", "reward_gap", "mse", "loss") if k in metrics}
+        keys = (
+            "accuracy",
+            "reward_gap",
+            "mse",
+            "loss",
+            "reward_mean",
+            "reference_reward_mean",
+            "win_rate_vs_reference",
+            "kl",
+        )
+        shown = {k: metrics[k] for k in keys if k in metrics}
         print(f"  {name:<28} " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     for name, score in (stages.get("evaluation") or {}).items():
         print(f"  evaluation {name:<17} {score:.4f}")

@@ -26,3 +26,8 @@ ATTENTION_F32 = 1e-5
 ATTENTION_GRAD_F32 = 1e-5
 ATTENTION_BF16 = 2e-2
 ATTENTION_GRAD_BF16 = 2e-2
+# KV-cache decoding (prefill + one-token steps, `Llama.decode`) against the full forward over the
+# same sequence, float32: the same ops, but keys sit in a longer cache whose empty or padded slots
+# get probability exactly 0, so only summation order/length differs. Measured max 1.2e-7 on
+# O(1)-O(10) logits and log-probs.
+KV_CACHE_F32 = 1e-5

@@ -26,13 +26,18 @@ Every skip and truncation is counted in a `FormatReport`.
 | regression | tokens int32 [T], attention_mask int32 [T], labels float32 [9] |
 | pairs | tokens int32 [2, T], attention_mask int32 [2, T], strength int32 [] |
 | sft | tokens int32 [T], attention_mask int32 [T], loss_mask int32 [T] |
+| prompts | tokens int32 [T], attention_mask int32 [T]: the prompt ready for generation |
 
 All carry `index` int32 [], the row's position in the input. `labels` use NeMo's 9 slots
 (4 helpfulness, 5 correctness, 6 coherence, 7 complexity, 8 verbosity; -100 unset);
 `attributes="helpfulness"` sets slot 4 only, `"all"` slots 4-8. `strength` is the signed
 `preference_strength` (< 0: response_1 better; 0: tie); row 0 is response_1, row 1 response_2.
-A RewardBench row becomes the pair (chosen, rejected) with strength -1. `loss_mask[t] = 1` marks
-token t as a response target (through the end-of-turn marker); a causal LM predicts it at t - 1.
+A RewardBench row becomes the pair (chosen, rejected) with strength -1. `prompts` (the rollout
+prompts of online RL) render the turns with the template's generation prompt (the text up to
+where the assistant's answer starts); under "truncate" an over-long prompt loses whole earliest
+turns, and one that is still too long is skipped (counted as `skipped_too_long`).
+`loss_mask[t] = 1` marks token t as a response target (through the end-of-turn marker); a causal
+LM predicts it at t - 1.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from nemotron_jax.data.tokenizer import (
 )
 from nemotron_jax.errors import ConfigError, DataError
 
-Kind = Literal["regression", "pairs", "sft"]
+Kind = Literal["regression", "pairs", "sft", "prompts"]
 Template = Literal["llama3", "nemo"]
 Truncation = Literal["truncate", "skip"]
 Attributes = Literal["helpfulness", "all"]
@@ -79,7 +84,8 @@ class FormatReport:
         kept: examples produced.
         truncated_turns: kept examples that lost whole earliest prompt turns.
         truncated_tokens: kept examples whose last user turn lost its earliest tokens.
-        skipped_too_long: skipped over `max_len` under `truncation="skip"`.
+        skipped_too_long: skipped over `max_len` under `truncation="skip"` (prompts: also a
+            single-turn prompt still over `max_len` under "truncate").
         skipped_response_too_long: skipped because the response and template alone do not fit.
         pairs_dropped: pairs dropped because a side did not fit (a subset of the two above).
         ties_dropped: tie pairs dropped (`drop_ties`), or ties offered to sft (no better side).
@@ -194,9 +200,33 @@ def _fit(
     return out, None, dropped, True
 
 
+def _fit_prompt(
+    tok: Tokenizer, render: _Renderer, turns: Sequence[str], max_len: int, truncation: Truncation
+) -> tuple[list[int] | None, bool]:
+    """(generation-prompt ids within `max_len` or None, whether earliest turns were dropped)."""
+    turns, dropped = tuple(turns), False
+    while True:
+        ids = encode_chat(tok, render.prefix(turns))
+        if len(ids) <= max_len:
+            return ids, dropped
+        if truncation == "skip" or len(turns) == 1:
+            return None, False
+        turns, dropped = turns[2:], True
+
+
+def _prompt_turns(row: Any) -> tuple[str, ...]:
+    if isinstance(row, RatingRow | PreferenceRow):
+        return tuple(row.turns)
+    if isinstance(row, RewardBenchRow):
+        return (row.prompt,)
+    raise DataError(
+        f"prompts need RatingRow, PreferenceRow or RewardBenchRow, got {type(row).__name__}"
+    )
+
+
 def _check_options(kind: str, truncation: str, attributes: str, max_len: int) -> None:
-    if kind not in ("regression", "pairs", "sft"):
-        raise ConfigError(f"kind must be 'regression', 'pairs' or 'sft', got {kind!r}")
+    if kind not in ("regression", "pairs", "sft", "prompts"):
+        raise ConfigError(f"kind must be 'regression', 'pairs', 'sft' or 'prompts', got {kind!r}")
     if truncation not in ("truncate", "skip"):
         raise ConfigError(f"truncation must be 'truncate' or 'skip', got {truncation!r}")
     if attributes not in ("helpfulness", "all"):
@@ -263,8 +293,8 @@ def encode_rows(
     Args:
         rows: `RatingRow`/`NemoRegressionRow` (regression), `PreferenceRow`/`RewardBenchRow`
             (pairs), `RatingRow`/`PreferenceRow` (its better response)/`RewardBenchRow` (chosen)
-            for sft.
-        kind: "regression", "pairs" or "sft".
+            for sft; any of the three for prompts.
+        kind: "regression", "pairs", "sft" or "prompts".
         tokenizer: any `Tokenizer`.
         template: "llama3" or "nemo".
         max_len: T, the token budget of one sequence.
@@ -294,9 +324,11 @@ def encode_rows(
             elif kind == "pairs":
                 turns, responses, strength = _pair_target(row)
                 extra["strength"] = np.asarray(strength, np.int32)
-            else:
+            elif kind == "sft":
                 turns, response = _sft_target(row)
                 responses = [response]
+            else:
+                turns, responses = _prompt_turns(row), []
         except DataError:
             raise
         except ValueError as e:
@@ -306,6 +338,15 @@ def encode_rows(
             continue
         if row_system not in renderers:
             renderers[row_system] = _Renderer(template, row_system)
+        if kind == "prompts":
+            ids, dropped = _fit_prompt(tokenizer, renderers[row_system], turns, max_len, truncation)
+            if ids is None:
+                report.skipped_too_long += 1
+                continue
+            report.truncated_turns += dropped
+            tokens = np.asarray(ids, np.int32)
+            examples.append({"index": np.asarray(index, np.int32), "tokens": tokens})
+            continue
         sides, reason, dropped, cut = _fit(
             tokenizer, renderers[row_system], turns, responses, max_len, truncation
         )

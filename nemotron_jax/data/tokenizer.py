@@ -178,6 +178,35 @@ def encode_chat(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, bos=False, eos=False, allow_special=True)
 
 
+# The text that ends an assistant turn in each template: where generation stops.
+END_OF_TURN = {"llama3": "<|eot_id|>", "nemo": "<extra_id_2>"}
+
+
+def generation_stop_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...]:
+    """Token ids that end a generated assistant turn in `template`, plus the tokenizer's own stop
+    ids (end of text; for Llama-3.1 also eom and eot).
+
+    The template's end-of-turn marker must be one token, since the sampler stops on token ids:
+    NeMo's `<extra_id_2>` is one with the synthetic SentencePiece model but several ordinary
+    tokens with the Llama-3.1 tokenizer, so that pairing raises.
+    """
+    from nemotron_jax.errors import ConfigError
+
+    if template not in END_OF_TURN:
+        raise ConfigError(f"template must be one of {sorted(END_OF_TURN)}, got {template!r}")
+    marker = END_OF_TURN[template]
+    # Encode after a plain character so that no dummy-prefix piece lands on the marker.
+    ids = encode_chat(tokenizer, "x" + marker)[len(encode_chat(tokenizer, "x")) :]
+    if len(ids) != 1:
+        raise ConfigError(
+            f"template {template!r} ends a turn with {marker!r}, which this tokenizer splits "
+            f"into {len(ids)} tokens {ids}; generation needs a single stop token "
+            f"(use template 'llama3' with the Llama-3.1 tokenizer)"
+        )
+    stops = tuple(getattr(tokenizer, "stop_ids", ()))
+    return tuple(dict.fromkeys((ids[0], *stops)))
+
+
 def _check_messages(messages: Sequence[Message]) -> None:
     if not messages:
         raise ValueError("chat has no messages")

@@ -366,8 +366,8 @@ def make_attention_mask(
 def _fused_attention(q, k, v, segment_ids, impl):
     """A Pallas or cuDNN attention call; under a (data, fsdp, tensor) mesh it runs per shard in
     `shard_map`, since GSPMD would otherwise replicate an opaque kernel call."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    mesh = sharding.active_mesh()
+    if mesh is not None:
         return attention_sharded(
             q, k, v, mesh=mesh, segment_ids=segment_ids, causal=True, implementation=impl
         )
@@ -428,12 +428,17 @@ class Attention(nn.Module):
 
     The core `attend(q, k, v, mask)` sees keys/values and a [B, T, S] mask, not the sequence that
     produced them, so a KV cache only has to supply longer k, v and mask.
+
+    With `kv_cache` ({"k", "v"}: this layer's [B, K, S, H] slabs) the T new keys/values are
+    written at slot `cache_index` and the queries attend over all S slots (`mask` is then
+    [B, T, S]); the updated slabs are the second output (None without a cache). The slabs are
+    head-major, the layout the XLA attention reads, so no step copies a transposed cache.
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, segment_ids):
+    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache=None, cache_index=None):
         cfg = self.config
         dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -446,12 +451,26 @@ class Attention(nn.Module):
         key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype), cos, sin)
         value = _dot("BSD,DKH->BSKH", x, wv, dtype)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+        if kv_cache is not None:
+
+            def write(slab, new):  # new [B, T, K, H] into slab [B, K, S, H] at cache_index
+                new = new.transpose(0, 2, 1, 3).astype(dtype)
+                # In place when the cache is loop-carried (or donated); K split like kv_heads.
+                slab = jax.lax.dynamic_update_slice(slab, new, (0, 0, cache_index, 0))
+                return constrain(slab, ("act_batch", "act_heads", "act_seq", None))
+
+            kv_cache = {"k": write(kv_cache["k"], key), "v": write(kv_cache["v"], value)}
+            # [B, S, K, H] views; XLA folds them into the attention's own head-major transpose.
+            key, value = (kv_cache[name].transpose(0, 2, 1, 3) for name in ("k", "v"))
+            # The fused kernels are causal by index; a cache needs causality by position.
+            out = kernel_attention(q, key, value, mask=mask, causal=False)
+            return _dot("BTNH,NHD->BTD", out, wo, dtype), kv_cache
         impl = resolve_attention_impl(cfg)
         if impl == "xla":  # the [B, T, S] mask already carries causality by position
             out = kernel_attention(q, key, value.astype(dtype), mask=mask, causal=False)
         else:  # fused kernels take padding as segment ids and causality by index
             out = _fused_attention(q, key, value.astype(dtype), segment_ids, impl)
-        return _dot("BTNH,NHD->BTD", out, wo, dtype)
+        return _dot("BTNH,NHD->BTD", out, wo, dtype), None
 
 
 class MLP(nn.Module):
@@ -474,18 +493,26 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; the (carry, output) signature is what `nn.scan` expects."""
+    """One pre-norm block; the (carry, output) signature is what `nn.scan` expects. The output
+    is this layer's updated KV-cache slabs when given a cache (`Llama.decode`), else None."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, segment_ids):
+    def __call__(self, x, cos, sin, mask, segment_ids, kv_cache=None, cache_index=None):
         cfg = self.config
-        x = x + Attention(cfg, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x), cos, sin, mask, segment_ids
+        attn, kv_cache = Attention(cfg, name="self_attn")(
+            RMSNorm(cfg, name="input_layernorm")(x),
+            cos,
+            sin,
+            mask,
+            segment_ids,
+            kv_cache,
+            cache_index,
         )
+        x = x + attn
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))
-        return constrain(x, ("act_batch", "act_seq", "act_embed")), None
+        return constrain(x, ("act_batch", "act_seq", "act_embed")), kv_cache
 
 
 class Llama(nn.Module):
@@ -554,6 +581,64 @@ class Llama(nn.Module):
         x, _ = self.layers(x, cos, sin, mask, segment_ids)
         return self.norm(x)
 
+    def decode(self, tokens, positions, valid, cache, *, layer_params=None, last_only=False):
+        """A forward over T new tokens that reads and extends a KV cache (`init_cache`).
+
+        Serves the prefill (T = prompt length, left-padded) and each decode step (T = 1). The new
+        keys/values go to cache slots [index, index + T); every query attends over all S slots,
+        causally by position, so slot order does not matter and padding is just `valid=False`.
+        Always the XLA attention (the fused kernels are causal by index, not by position).
+
+        The layers run unrolled, not under `nn.scan`: a scan slices every layer's weights out of
+        the stacked [L, ...] params at every call, which inside a decode loop copies all the
+        weights once per token. Pass `layer_params=unstack_layers(params)`, computed once outside
+        the loop, to avoid that.
+
+        Args:
+            tokens: int [B, T].
+            positions: int [B, T], e.g. `positions_from_mask` for a left-padded prompt, then each
+                row's next position.
+            valid: [B, T], True for real tokens (padding is never attended to).
+            cache: the dict `init_cache` returns, with room for T more tokens.
+            layer_params: `unstack_layers(params)`; default: sliced from the params here.
+            last_only: logits only at the last of the T positions ([B, 1, V]), which is all a
+                left-padded prefill needs.
+
+        Returns:
+            (float32 logits [B, T, V] (or [B, 1, V]), the updated cache, index advanced by T).
+        """
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if layer_params is None:
+            layer_params = unstack_layers(nn.unbox(self.variables["params"]))
+        index = cache["index"]
+        positions = positions.astype(jnp.int32)
+        cache_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, index))
+        cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid.astype(bool), (0, index))
+        mask = make_attention_mask(positions, cache_positions, cache_valid)  # [B, T, S]
+        cos, sin = rope_cos_sin(cfg, positions)
+        x = jnp.take(self.embed_tokens, tokens, axis=0).astype(DTYPES[cfg.dtype])
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        layer = DecoderLayer(cfg, parent=None)  # unbound: applied with each layer's params
+        new_k, new_v = [], []
+        for i, params in enumerate(layer_params):
+            slabs = {"k": cache["k"][i], "v": cache["v"][i]}
+            x, slabs = layer.apply({"params": params}, x, cos, sin, mask, None, slabs, index)
+            new_k.append(slabs["k"])
+            new_v.append(slabs["v"])
+        if last_only:
+            x = x[:, -1:]
+        logits = self.logits(self.norm(x))
+        new_cache = {
+            "k": tuple(new_k),
+            "v": tuple(new_v),
+            "positions": cache_positions,
+            "valid": cache_valid,
+            "index": index + tokens.shape[1],
+        }
+        return logits, new_cache
+
     def hidden_and_head(self, tokens, *, positions=None, attention_mask=None):
         """(final hidden states [B, T, D], LM head [D, V]): the inputs of the fused per-token
         log-prob kernel, which never forms the [B, T, V] logits."""
@@ -576,6 +661,40 @@ class Llama(nn.Module):
             "BTD,DV->BTV", hidden.astype(dtype), w, preferred_element_type=jnp.float32
         )
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> dict[str, Any]:
+    """An empty KV cache for `Llama.decode` with room for `max_len` tokens per row.
+
+    {"k", "v": tuples of L slabs [B, K, S, H] in the compute dtype (one buffer per layer, so
+     each is updated in place),
+     "positions": int32 [B, S], "valid": bool [B, S] (False = empty slot or padding),
+     "index": int32 [] (the next slot to write)}.
+    """
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    names = ("act_batch", "act_heads", "act_seq", None)
+
+    def slabs():
+        return tuple(
+            constrain(jnp.zeros(shape, DTYPES[config.dtype]), names)
+            for _ in range(config.num_layers)
+        )
+
+    return {
+        "k": slabs(),
+        "v": slabs(),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def unstack_layers(params: Any) -> tuple[Any, ...]:
+    """Each layer's parameter tree, sliced out of the stacked [L, ...] `params["layers"]` (a
+    copy of the layer weights; see `Llama.decode`)."""
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(num_layers))
 
 
 def abstract_params(config: LlamaConfig, *, boxed: bool = False) -> Any:

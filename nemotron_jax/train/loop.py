@@ -4,6 +4,10 @@
 
 mesh -> data -> model and optimizer -> state (resume order below) -> a step jitted once with
 in/out shardings and donated state -> log / validate / checkpoint.
+
+Each step asks the objective's batch source for its batches (`produce(params, step)`): one
+dataset batch for supervised objectives, a rollout batch's minibatches for REINFORCE, which then
+makes one optimizer update per minibatch.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ def run(config, workdir: str) -> dict[str, float]:
     rules = tuple(tuple(r) for r in config.get("sharding_rules") or sharding.DEFAULT_RULES)
 
     objective = objectives.build(config)
-    data = objectives.build_data(config, objective)
-    tx = make_optimizer(config.optim, config.num_steps)
+    data = objectives.build_data(config, objective, mesh, rules)
+    # Online objectives make several optimizer updates per step (one per rollout minibatch).
+    tx = make_optimizer(config.optim, config.num_steps * data.train.updates_per_step)
     rng = jax.random.PRNGKey(config.seed)
     abstract_boxed, init_fn = _abstract_state(objective, tx, rng)
     state_sharding = sharding.shardings_for(abstract_boxed, mesh, rules)
@@ -80,7 +85,7 @@ def run(config, workdir: str) -> dict[str, float]:
             max_to_keep=config.max_to_keep, enable_async_checkpointing=True
         ),
     )
-    train_iter = iter(data.train)
+    source = data.train
 
     # Where the state comes from, first match wins:
     #   1. the workdir's latest checkpoint: exact resume (state and data-iterator position);
@@ -97,7 +102,7 @@ def run(config, workdir: str) -> dict[str, float]:
                 ),
             )
             state = restored.state
-            train_iter.set_state(restored.data)
+            source.set_state(restored.data)
             print(f"resumed from {workdir}/checkpoints step {start}")
         else:
             state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_sharding)()
@@ -124,6 +129,8 @@ def run(config, workdir: str) -> dict[str, float]:
         )
 
         def evaluate(params) -> dict[str, float]:
+            if data.evaluate is not None:
+                return data.evaluate(params)
             total = None
             for batch in data.eval_batches:
                 sums = eval_step(params, jax.device_put(batch, batch_sharding))
@@ -141,13 +148,21 @@ def run(config, workdir: str) -> dict[str, float]:
         )
         last_eval: dict[str, float] = {}
         tokens_seen, t0 = 0, time.perf_counter()
+        has_eval = bool(data.eval_batches) or data.evaluate is not None
         for step in range(start, config.num_steps):
-            batch = next(train_iter)
-            tokens_seen += int(np.sum(batch["attention_mask"]))
-            state, metrics = train_step(state, jax.device_put(batch, batch_sharding))
+            batches, produced = source.produce(state["params"], step)
+            t_update = time.perf_counter()
+            metrics = None
+            for batch in batches:  # one, or a rollout's minibatches
+                tokens_seen += int(np.sum(batch["attention_mask"]))
+                state, m = train_step(state, jax.device_put(batch, batch_sharding))
+                metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+            if produced:  # an online step: time its updates too
+                jax.block_until_ready(state)
+                produced["time_update"] = time.perf_counter() - t_update
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
-                metrics = finish_metrics(jax.device_get(metrics))
+                metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                 elapsed = time.perf_counter() - t0
@@ -158,7 +173,7 @@ def run(config, workdir: str) -> dict[str, float]:
                     {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}
                     | {"tok/s": f"{metrics['tokens_per_s']:.0f}"}
                 )
-            if data.eval_batches and (done % config.eval_every == 0 or done == config.num_steps):
+            if has_eval and (done % config.eval_every == 0 or done == config.num_steps):
                 last_eval = evaluate(state["params"])
                 writer.write(done, "eval", last_eval)
             if done % config.checkpoint_every == 0 or done == config.num_steps:
@@ -166,12 +181,12 @@ def run(config, workdir: str) -> dict[str, float]:
                     done,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave(train_iter.get_state()),
+                        data=ocp.args.JsonSave(source.get_state()),
                     ),
                 )
             bar.update(1)
         bar.close()
-        if data.eval_batches and not last_eval:  # resumed a finished run: report it anyway
+        if has_eval and not last_eval:  # resumed a finished run: report it anyway
             last_eval = evaluate(state["params"])
         manager.wait_until_finished()
         writer.close()

@@ -4,6 +4,12 @@ initial checkpoint maps onto the parameters. The loop itself never branches on t
     regression      RewardModel on HelpSteer2 ratings (9-slot labels, -100 = missing)
     *_bt            RewardModel on HelpSteer2-Preference pairs [B, 2, T] (regular, margin, scaled)
     sft             Llama LM on well-rated responses (next-token loss on response tokens)
+    reinforce       Llama LM on its own samples, scored by a frozen reward model (REINFORCE with
+                    a leave-one-out baseline; batches come from `train/rollouts.py`)
+
+Every objective hands the loop a batch source: `produce(params, step) -> (batches, metrics)`
+plus `get_state` / `set_state` for exact resume. Supervised objectives read one batch of the
+dataset per step; REINFORCE samples a rollout batch and splits it into several minibatches.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from nemotron_jax.models.llama import Llama, LlamaConfig
 from nemotron_jax.models.reward import RewardModel
 
 REWARD_OBJECTIVES = ("regression", "regular_bt", "margin_bt", "scaled_bt")
-OBJECTIVES = REWARD_OBJECTIVES + ("sft",)
+OBJECTIVES = REWARD_OBJECTIVES + ("sft", "reinforce")
 BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
 # Fields that may differ between an init checkpoint and the run (they do not change shapes).
 _NUMERIC_FIELDS = {"dtype", "param_dtype", "remat"}
@@ -118,7 +124,11 @@ def _path(key_path) -> tuple[str, ...]:
 
 def model_config(config) -> LlamaConfig:
     m = config.model
-    return LlamaConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    # Optional field overrides of the preset (e.g. a benchmark-sized model): {field: value}.
+    overrides = dict(m.get("overrides") or {})
+    return LlamaConfig.preset(
+        m.preset, **{**overrides, "dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat}
+    )
 
 
 def build(config) -> Objective:
@@ -127,6 +137,14 @@ def build(config) -> Objective:
     if name not in OBJECTIVES:
         raise ConfigError(f"config.objective {name!r} is unknown; choose from {list(OBJECTIVES)}")
     mcfg = model_config(config)
+    if name == "reinforce":
+        loss = functools.partial(
+            get_loss("reinforce"),
+            implementation=config.loss.logprobs_impl,
+            normalize=config.rl.normalize,
+        )
+        keys = ("reward_mean", "kl", "response_length")
+        return Objective(name, mcfg, Llama(mcfg), loss, None, keys, method="hidden_and_head")
     if name == "sft":
         # Per-token log-probs from hidden states and the head: no [B, T, V] logits in memory.
         loss = functools.partial(get_loss("sft_fused"), implementation=config.loss.logprobs_impl)
@@ -168,12 +186,34 @@ def _check_pair_loss(loss) -> None:
 # --- data -----------------------------------------------------------------------------------
 
 
+class DatasetSource:
+    """One dataset batch per step; the state is the grain iterator's position."""
+
+    updates_per_step = 1
+
+    def __init__(self, dataset):
+        self._iter = iter(dataset)
+
+    def produce(self, params, step: int) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+        del params, step
+        return [next(self._iter)], {}
+
+    def get_state(self):
+        return self._iter.get_state()
+
+    def set_state(self, state) -> None:
+        self._iter.set_state(state)
+
+
 @dataclasses.dataclass
 class DataBundle:
-    train: Any  # grain IterDataset of training batches (infinite, resumable)
+    train: Any  # the batch source (see the module docstring)
     eval_batches: list[dict[str, np.ndarray]]  # the whole validation split, padded
     report: dict[str, Any]
     tokenizer: Any
+    # Objectives that evaluate by other means than a loss on eval_batches (REINFORCE: reward
+    # and win rate of samples on held-out prompts): params -> metrics.
+    evaluate: Callable[[Any], dict[str, float]] | None = None
 
 
 def _tokenizer(config, data_dir: Path | None):
@@ -193,6 +233,24 @@ def _tokenizer(config, data_dir: Path | None):
 
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+def _policy_tokenizer(config):
+    """The tokenizer an initial policy was trained with; its template must be the run's."""
+    if not config.get("init_from"):
+        raise ConfigError(
+            "config.init_from must name the initial policy (e.g. an SFT run's <workdir>/params)"
+        )
+    metadata = params_ckpt.read_metadata(config.init_from)
+    template = metadata.get("template")
+    if template is not None and template != config.data.template:
+        raise ConfigError(
+            f"config.data.template is {config.data.template!r} but the policy {config.init_from} "
+            f"was trained with {template!r}"
+        )
+    if config.data.tokenizer:
+        return _tokenizer(config, None)
+    return load_tokenizer(config.init_from, metadata)
 
 
 def tokenizer_metadata(config, tokenizer) -> dict[str, Any]:
@@ -308,17 +366,33 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return out
 
 
-def build_data(config, objective: Objective) -> DataBundle:
+def build_data(config, objective: Objective, mesh=None, rules=None) -> DataBundle:
+    """The objective's batch source, validation data and data report. `mesh` and `rules` place
+    the frozen models of online objectives (REINFORCE's reference and reward model)."""
     from nemotron_jax.data.pipeline import encode, make_dataset
 
     root = data_dir(config)
-    tokenizer = _tokenizer(config, root)
+    if objective.name == "reinforce":  # the policy's own tokenizer reads the prompts
+        tokenizer = _policy_tokenizer(config)
+    else:
+        tokenizer = _tokenizer(config, root)
     if tokenizer.vocab_size > objective.model_config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{objective.model_config.vocab_size}"
         )
     train_rows, eval_rows, read_report = _rows(config, objective, root)
+    if objective.name == "reinforce":
+        from nemotron_jax import sharding
+        from nemotron_jax.train import rollouts
+
+        mesh = sharding.make_mesh(tuple(config.mesh)) if mesh is None else mesh
+        rules = sharding.DEFAULT_RULES if rules is None else rules
+        source, report = rollouts.build(
+            config, objective, mesh, rules, tokenizer, train_rows, eval_rows, read_report
+        )
+        report = {"data_dir": str(root), **report}
+        return DataBundle(source, [], report, tokenizer, evaluate=source.evaluate)
     kind = {"regression": "regression", "sft": "sft"}.get(objective.name, "pairs")
     options = dict(
         kind=kind,
@@ -358,4 +432,4 @@ def build_data(config, objective: Objective) -> DataBundle:
         "train_examples": len(train),
         "eval_examples": len(evals),
     }
-    return DataBundle(train_ds, eval_batches, report, tokenizer)
+    return DataBundle(DatasetSource(train_ds), eval_batches, report, tokenizer)

@@ -35,7 +35,8 @@ def _state_and_batch(config):
     tx = make_optimizer(config.optim, config.num_steps)
     params = nn.unbox(objective.init(jax.random.PRNGKey(0)))
     state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
-    return objective, tx, state, next(iter(data.train))
+    batches, _ = data.train.produce(params, 0)
+    return objective, tx, state, batches[0]
 
 
 @pytest.mark.parametrize("module,arg", [(rm_regression, ""), (rm_bt, "loss=scaled")])

@@ -1,0 +1,490 @@
+"""Online rollouts for REINFORCE: the batch source of the training loop when the objective
+learns from its own samples.
+
+One step, NeMo-Aligner's REINFORCE (`helpsteer2_spec.md` §4.2):
+
+1. take P prompts and repeat each K times (rows p*K ... p*K + K-1 are prompt p's samples);
+2. sample a response for every row with the policy (KV-cache sampler, `nemotron_jax.sampling`);
+3. reward each (prompt, response) with the frozen reward model, or a Python callable;
+4. per-token log-probs of the responses under the policy and the frozen reference policy;
+5. KL-shaped reward R - beta * KL, a leave-one-out baseline over each prompt's K samples and
+   the advantage (`nemotron_jax.losses.reinforce`);
+6. hand the P*K sequences to the loop as minibatches of `config.batch_size`, in generation order
+   (the baseline was computed on whole groups first), for that many optimizer steps.
+
+Policy, reference and reward model live in one program on one mesh; nothing is served. The
+random key of step s is `fold_in(seed, s)` and the prompt iterator is checkpointed with the
+state, so a resumed run samples exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nemotron_jax import checkpoint as params_ckpt
+from nemotron_jax import sharding
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.losses import lm as lm_losses
+from nemotron_jax.losses.reinforce import (
+    KL_ESTIMATORS,
+    KL_REDUCTIONS,
+    reinforce_advantages,
+    sequence_kl,
+)
+from nemotron_jax.models.llama import Llama, LlamaConfig, abstract_params
+from nemotron_jax.models.reward import RewardModel, scalar_reward
+from nemotron_jax.sampling import SamplingConfig, make_generate_fn, response_sequences
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+def check_config(config, model_config: LlamaConfig, dp: int) -> None:
+    """Fails at start, naming the config key, on REINFORCE settings that cannot work."""
+    rl = config.rl
+    k, p = rl.num_rollouts_per_prompt, rl.prompts_per_step
+    if k < 1 or p < 1:
+        raise ConfigError(
+            f"config.rl.num_rollouts_per_prompt ({k}) and prompts_per_step ({p}) must be positive"
+        )
+    if k < 2:
+        raise ConfigError(
+            f"config.rl.num_rollouts_per_prompt is {k}: the leave-one-out baseline needs at "
+            f"least 2 samples per prompt"
+        )
+    if rl.beta < 0:
+        raise ConfigError(f"config.rl.beta must be >= 0 (a KL penalty), got {rl.beta}")
+    if rl.kl_estimator not in KL_ESTIMATORS:
+        raise ConfigError(
+            f"config.rl.kl_estimator {rl.kl_estimator!r}; choose from {KL_ESTIMATORS}"
+        )
+    if rl.kl_reduce not in KL_REDUCTIONS:
+        raise ConfigError(f"config.rl.kl_reduce {rl.kl_reduce!r}; choose from {KL_REDUCTIONS}")
+    if rl.baseline not in ("rloo_eos", "rloo_all"):
+        raise ConfigError(f"config.rl.baseline {rl.baseline!r}; choose rloo_eos or rloo_all")
+    rollout = p * k
+    if rollout % config.batch_size:
+        raise ConfigError(
+            f"config.rl.prompts_per_step x num_rollouts_per_prompt = {rollout} is not a multiple "
+            f"of config.batch_size {config.batch_size} (the minibatch of one update)"
+        )
+    if rollout % dp:
+        raise ConfigError(
+            f"{rollout} rollouts per step do not divide over {dp} data-parallel devices"
+        )
+    total = rl.max_prompt_len + rl.max_new_tokens
+    if total > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"config.rl.max_prompt_len {rl.max_prompt_len} + max_new_tokens "
+            f"{rl.max_new_tokens} = {total} exceeds the model's context of "
+            f"{model_config.max_position_embeddings} tokens"
+        )
+    if not config.get("init_from"):
+        raise ConfigError(
+            "config.init_from must name the initial policy (e.g. an SFT run's <workdir>/params)"
+        )
+    if bool(config.get("rm_from")) == bool(config.get("reward_fn")):
+        raise ConfigError(
+            "set exactly one of config.rm_from (a reward-model params checkpoint) "
+            "and config.reward_fn ('module:function')"
+        )
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """`"package.module:function"` -> the function, which maps (prompt texts, response texts)
+    to one float per response (rule-based rewards)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"config.reward_fn {spec!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config.reward_fn {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"config.reward_fn {spec!r} is not callable")
+    return fn
+
+
+def _check_same_inputs(policy_dir: str, policy_meta: dict, rm) -> None:
+    """The reward model must read the policy's tokens as it was trained to: same tokenizer and
+    chat template, else its scores are meaningless."""
+    mine = (policy_meta.get("tokenizer"), policy_meta.get("template"))
+    theirs = (rm.metadata.get("tokenizer"), rm.template)
+    if mine != theirs:
+        raise ConfigError(
+            f"reward model {rm.path} was trained with tokenizer/template {theirs} but the policy "
+            f"{policy_dir} with {mine}; they must match"
+        )
+    from nemotron_jax.train.objectives import TOKENIZER_FILE
+
+    a, b = Path(policy_dir) / TOKENIZER_FILE, Path(rm.path) / TOKENIZER_FILE
+    if (
+        mine[0] == "sentencepiece"
+        and a.exists()
+        and b.exists()
+        and a.read_bytes() != b.read_bytes()
+    ):
+        raise ConfigError(
+            f"reward model {rm.path} and policy {policy_dir} use different SentencePiece models"
+        )
+
+
+def sequence_logprobs(module: Llama, params, tokens, attention_mask, implementation: str):
+    """log pi(tokens[t] | tokens[<t]) as float32 [B, T] (0 at t = 0), through the fused kernel."""
+    hidden, head = module.apply(
+        {"params": params}, tokens, attention_mask=attention_mask, method="hidden_and_head"
+    )
+    logp = lm_losses._logprobs(hidden[:, :-1], head, tokens[:, 1:], implementation)
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+@dataclasses.dataclass
+class PromptSet:
+    tokens: np.ndarray  # int32 [N, Tp], right-padded
+    mask: np.ndarray  # int32 [N, Tp]
+
+
+class RolloutSource:
+    """Produces each step's REINFORCE minibatches from the current policy parameters.
+
+    `produce(params, step) -> (minibatches, metrics)` is what the loop calls; `evaluate(params)`
+    scores greedy-free samples on held-out prompts against the reference policy's; `get_state` /
+    `set_state` checkpoint the prompt iterator.
+    """
+
+    def __init__(self, config, objective, mesh, rules, tokenizer, prompts, eval_prompts):
+        rl = config.rl
+        self.config, self.rl, self.mesh, self.rules = config, rl, mesh, rules
+        self.objective, self.tokenizer = objective, tokenizer
+        self.k, self.p = rl.num_rollouts_per_prompt, rl.prompts_per_step
+        self.updates_per_step = self.p * self.k // config.batch_size
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self._order = np.random.default_rng(config.seed).permutation(len(prompts.tokens))
+        self._cursor = 0
+        self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+        self.model = Llama(objective.model_config)
+        self.impl = config.loss.logprobs_impl
+        from nemotron_jax.data.tokenizer import generation_stop_ids
+
+        template = config.data.template
+        self.sampling = SamplingConfig(
+            max_new_tokens=rl.max_new_tokens,
+            temperature=rl.temperature,
+            top_k=rl.top_k,
+            top_p=rl.top_p,
+            stop_tokens=generation_stop_ids(tokenizer, template),
+            pad_id=tokenizer.pad_id,
+        )
+        self.eval_sampling = dataclasses.replace(self.sampling, temperature=rl.eval_temperature)
+        self._load_models(config)
+        self._reference_eval: dict[str, Any] | None = None
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _load_models(self, config) -> None:
+        mcfg = self.objective.model_config
+        boxed = abstract_params(mcfg, boxed=True)
+        shardings = sharding.shardings_for(boxed, self.mesh, self.rules)
+        ref_dir = config.get("reference_from") or config.init_from
+        ref_cfg = params_ckpt.load_model_config(ref_dir)
+        if (
+            ref_cfg.vocab_size != mcfg.vocab_size
+            or ref_cfg.hidden_size != mcfg.hidden_size
+            or ref_cfg.num_layers != mcfg.num_layers
+        ):
+            raise ConfigError(f"reference policy {ref_dir} is a different model than config.model")
+        saved = params_ckpt.saved_leaves(ref_dir)
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.ShapeDtypeStruct(
+                x.shape, saved[tuple(str(getattr(k, "key", k)) for k in path)][1]
+            ),
+            nn.unbox(boxed),
+        )
+        restored = params_ckpt.restore_params(ref_dir, abstract, shardings=shardings)
+        dtype = jnp.dtype(mcfg.param_dtype)
+        self.ref_params = jax.jit(
+            lambda t: jax.tree.map(lambda a: a.astype(dtype), t), out_shardings=shardings
+        )(restored)
+        policy_meta = params_ckpt.read_metadata(config.init_from)
+
+        self.reward_fn = None
+        self.rm = None
+        if config.get("reward_fn"):
+            self.reward_fn = load_reward_fn(config.reward_fn)
+        else:
+            from nemotron_jax.eval.rewardbench import load_reward_model
+
+            self.rm = load_reward_model(config.rm_from, mesh=self.mesh, tokenizer=self.tokenizer)
+            _check_same_inputs(config.init_from, policy_meta, self.rm)
+            if self.rm.config.vocab_size < self.objective.model_config.vocab_size:
+                raise ConfigError(
+                    f"reward model {self.rm.path} has a smaller vocabulary than the policy"
+                )
+        self._compile()
+
+    def _compile(self) -> None:
+        rl, model = self.rl, self.model
+        generate = make_generate_fn(model, self.sampling)
+        eval_generate = make_generate_fn(model, self.eval_sampling)
+        pad_id = self.sampling.pad_id
+
+        def sample(params, tokens, mask, rng, fn):
+            rollout = fn(params, tokens, mask, rng)
+            return rollout, response_sequences(tokens, mask, rollout, pad_id)
+
+        self._generate = jax.jit(lambda *a: sample(*a, generate))
+        self._eval_generate = jax.jit(lambda *a: sample(*a, eval_generate))
+        self._logprobs = jax.jit(
+            lambda params, tokens, mask: sequence_logprobs(model, params, tokens, mask, self.impl)
+        )
+        if self.rm is not None:
+            rm_model = RewardModel(self.rm.config, self.rm.num_attributes)
+            slot = self.config.get("rm_slot", 4)
+            self._rm_score = jax.jit(
+                lambda params, tokens, mask: scalar_reward(
+                    rm_model.apply({"params": params}, tokens, attention_mask=mask), slot=slot
+                )
+            )
+
+        def advantages(logp, ref_logp, response_mask, rewards, is_end):
+            kl = sequence_kl(
+                logp, ref_logp, response_mask, estimator=rl.kl_estimator, reduce=rl.kl_reduce
+            )
+            shape = (-1, self.k)
+            out = reinforce_advantages(
+                rewards.reshape(shape),
+                kl.reshape(shape),
+                is_end.reshape(shape),
+                beta=rl.beta,
+                eos_only=rl.baseline == "rloo_eos",
+            )
+            return kl, {name: v.reshape(-1) for name, v in out.items()}
+
+        self._advantages = jax.jit(advantages)
+
+    # --- the three frozen-model calls -------------------------------------------------------
+
+    def _score(self, seqs, rollout) -> jax.Array:
+        """Rewards [B] float32 of the sequences."""
+        if self.rm is not None:
+            return self._rm_score(self.rm.params, seqs["tokens"], seqs["attention_mask"])
+        tokens = np.asarray(seqs["tokens"])
+        response = np.asarray(seqs["response_mask"]).astype(bool)
+        prompt_len = np.asarray(seqs["prompt_lengths"])
+        stops = set(self.sampling.stop_tokens)
+        prompts, responses = [], []
+        for row, rmask, n in zip(tokens, response, prompt_len, strict=True):
+            prompts.append(self.tokenizer.decode(row[:n]))
+            ids = [int(t) for t in row[rmask]]
+            responses.append(self.tokenizer.decode([t for t in ids if t not in stops]))
+        rewards = np.asarray(self.reward_fn(prompts, responses), np.float32)
+        if rewards.shape != (len(prompts),):
+            raise ValueError(
+                f"config.reward_fn returned shape {rewards.shape}, expected ({len(prompts)},)"
+            )
+        return jax.device_put(rewards, self.batch_sharding)
+
+    # --- the loop's interface ---------------------------------------------------------------
+
+    def get_state(self) -> dict[str, int]:
+        return {"cursor": int(self._cursor)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._cursor = int(state["cursor"])
+
+    def _next_prompts(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self._order)
+        # Epochs of one fixed permutation, reshuffled per epoch from the seed: resumable by cursor.
+        idx = []
+        for c in range(self._cursor, self._cursor + self.p):
+            epoch, i = divmod(c, n)
+            order = (
+                self._order
+                if epoch == 0
+                else np.random.default_rng((self.config.seed, epoch)).permutation(n)
+            )
+            idx.append(order[i])
+        self._cursor += self.p
+        idx = np.asarray(idx)
+        return self.prompts.tokens[idx], self.prompts.mask[idx]
+
+    def _put(self, x):
+        return jax.device_put(np.asarray(x), self.batch_sharding)
+
+    def produce(self, params, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        tokens, mask = self._next_prompts()
+        tokens = self._put(np.repeat(tokens, self.k, axis=0))  # [P*K, Tp], prompt-major
+        mask = self._put(np.repeat(mask, self.k, axis=0))
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+        t0 = time.perf_counter()
+        rollout, seqs = jax.block_until_ready(self._generate(params, tokens, mask, rng))
+        t1 = time.perf_counter()
+        rewards = jax.block_until_ready(self._score(seqs, rollout))
+        t2 = time.perf_counter()
+        logp = jax.block_until_ready(self._logprobs(params, seqs["tokens"], seqs["attention_mask"]))
+        t3 = time.perf_counter()
+        ref_logp = jax.block_until_ready(
+            self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])
+        )
+        t4 = time.perf_counter()
+        kl, adv = self._advantages(logp, ref_logp, seqs["response_mask"], rewards, rollout.is_end)
+        timings = {
+            "time_generate": t1 - t0,
+            "time_score": t2 - t1,
+            "time_policy_logprobs": t3 - t2,
+            "time_reference_logprobs": t4 - t3,
+        }
+
+        batch = {
+            "tokens": seqs["tokens"],
+            "attention_mask": seqs["attention_mask"],
+            "response_mask": seqs["response_mask"],
+            "advantage": adv["advantage"],
+            "ref_logprobs": ref_logp,
+        }
+        host = jax.device_get(
+            {
+                "rewards": rewards,
+                "kl": kl,
+                **adv,
+                "lengths": rollout.lengths,
+                "is_end": rollout.is_end,
+            }
+        )
+        metrics = {
+            "reward_mean": float(np.mean(host["rewards"])),
+            "reward_std": float(np.std(host["rewards"])),
+            "kl": float(np.mean(host["kl"])),
+            "shaped_reward_mean": float(np.mean(host["shaped"])),
+            "advantage_mean": float(np.mean(host["advantage"])),
+            "advantage_std": float(np.std(host["advantage"])),
+            "advantage_abs_mean": float(np.mean(np.abs(host["advantage"]))),
+            "response_length": float(np.mean(host["lengths"])),
+            "eos_rate": float(np.mean(host["is_end"])),
+            **timings,
+        }
+        size = self.config.batch_size
+        minibatches = [
+            jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
+            for i in range(self.updates_per_step)
+        ]
+        return minibatches, metrics
+
+    def _sample_eval(self, params):
+        """Samples for every held-out prompt, with the evaluation key (the same at each call)."""
+        size = self.config.eval_batch_size
+        out = {"rewards": [], "kl": [], "lengths": [], "is_end": []}
+        rng = jax.random.PRNGKey(self.config.seed + 1)
+        for i in range(0, len(self.eval_prompts.tokens), size):
+            tokens = self._put(self.eval_prompts.tokens[i : i + size])
+            mask = self._put(self.eval_prompts.mask[i : i + size])
+            rollout, seqs = self._eval_generate(params, tokens, mask, jax.random.fold_in(rng, i))
+            rewards = self._score(seqs, rollout)
+            logp = self._logprobs(params, seqs["tokens"], seqs["attention_mask"])
+            ref = self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])
+            kl = sequence_kl(
+                logp,
+                ref,
+                seqs["response_mask"],
+                estimator=self.rl.kl_estimator,
+                reduce=self.rl.kl_reduce,
+            )
+            for name, v in (
+                ("rewards", rewards),
+                ("kl", kl),
+                ("lengths", rollout.lengths),
+                ("is_end", rollout.is_end),
+            ):
+                out[name].append(np.asarray(jax.device_get(v)))
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def evaluate(self, params) -> dict[str, float]:
+        """On the held-out prompts: the policy's mean reward, its win rate against the reference
+        policy's samples as judged by the reward model (ties count half), KL, length, EOS rate."""
+        if self._reference_eval is None:  # the reference never changes: sample it once
+            self._reference_eval = self._sample_eval(self.ref_params)
+        ref, pol = self._reference_eval, self._sample_eval(params)
+        wins = np.mean(pol["rewards"] > ref["rewards"]) + 0.5 * np.mean(
+            pol["rewards"] == ref["rewards"]
+        )
+        return {
+            "reward_mean": float(np.mean(pol["rewards"])),
+            "reference_reward_mean": float(np.mean(ref["rewards"])),
+            "win_rate_vs_reference": float(wins),
+            "kl": float(np.mean(pol["kl"])),
+            "response_length": float(np.mean(pol["lengths"])),
+            "eos_rate": float(np.mean(pol["is_end"])),
+        }
+
+
+def _unique_prompts(rows) -> tuple[list, int]:
+    seen, out = set(), []
+    for row in rows:
+        key = tuple(row.turns) if hasattr(row, "turns") else (row.prompt,)
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out, len(rows) - len(out)
+
+
+def _encode_prompts(rows, tokenizer, config):
+    from nemotron_jax.data.pipeline import encode
+
+    encoded = encode(
+        rows,
+        kind="prompts",
+        tokenizer=tokenizer,
+        template=config.data.template,
+        max_len=config.rl.max_prompt_len,
+        truncation=config.data.truncation,
+    )
+    n, t = len(encoded), config.rl.max_prompt_len
+    tokens = np.full((n, t), tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, t), np.int32)
+    for i in range(n):
+        ex = encoded[i]
+        tokens[i], mask[i] = ex["tokens"], ex["attention_mask"]
+    return PromptSet(tokens, mask), encoded.report
+
+
+def build(config, objective, mesh, rules, tokenizer, train_rows, eval_rows, read_report):
+    """The REINFORCE data bundle pieces: (RolloutSource, report)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    check_config(config, objective.model_config, dp)
+    train_rows, train_dups = _unique_prompts(train_rows)
+    eval_rows, eval_dups = _unique_prompts(eval_rows)
+    prompts, train_report = _encode_prompts(train_rows, tokenizer, config)
+    if len(prompts.tokens) < config.rl.prompts_per_step:
+        raise ConfigError(
+            f"only {len(prompts.tokens)} training prompts fit config.rl.max_prompt_len "
+            f"{config.rl.max_prompt_len} ({train_report.summary()}); need at least "
+            f"prompts_per_step {config.rl.prompts_per_step}"
+        )
+    eval_prompts, eval_report = _encode_prompts(eval_rows, tokenizer, config)
+    # Whole evaluation batches only (they must divide over the devices); the count is reported.
+    n_eval = min(config.rl.eval_prompts, len(eval_prompts.tokens))
+    n_eval -= n_eval % config.eval_batch_size
+    eval_prompts = PromptSet(eval_prompts.tokens[:n_eval], eval_prompts.mask[:n_eval])
+    source = RolloutSource(config, objective, mesh, rules, tokenizer, prompts, eval_prompts)
+    report = {
+        "read": read_report,
+        "train_prompts": len(prompts.tokens),
+        "train_duplicate_prompts_merged": train_dups,
+        "train_encoding": train_report.summary(),
+        "eval_prompts": n_eval,
+        "eval_duplicate_prompts_merged": eval_dups,
+        "eval_encoding": eval_report.summary(),
+        "stop_tokens": list(source.sampling.stop_tokens),
+    }
+    return source, report
