@@ -329,7 +329,9 @@ def response_sequences(
 
     Returns:
         {"tokens": int32 [B, P+N], "attention_mask": int32 [B, P+N],
-         "response_mask": int32 [B, P+N], "prompt_lengths": int32 [B]}.
+         "response_mask": int32 [B, P+N], "prompt_lengths": int32 [B],
+         "logprobs": float32 [B, P+N]: the sampler's log p of each generated token at its
+         position (0 elsewhere), aligned like a recomputed `log p(tokens[t] | tokens[<t])`}.
     """
     mask = jnp.asarray(prompt_mask).astype(bool)
     b, p = mask.shape
@@ -346,7 +348,9 @@ def response_sequences(
     in_prompt = j < prompt_len[:, None]
     in_response = ~in_prompt & (j < end[:, None])
     tokens = jnp.where(in_prompt, from_prompt, jnp.where(in_response, from_response, pad_id))
+    logprobs = jnp.take_along_axis(rollout.logprobs.astype(jnp.float32), gen_index, axis=-1)
     return {
+        "logprobs": jnp.where(in_response, logprobs, 0.0),
         "tokens": tokens.astype(jnp.int32),
         "attention_mask": (j < end[:, None]).astype(jnp.int32),
         "response_mask": in_response.astype(jnp.int32),

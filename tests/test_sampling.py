@@ -281,7 +281,7 @@ def test_response_sequences_layout():
     mask = np.array([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
     rollout = Rollout(
         tokens=jnp.array([[5, 6, 7], [8, 9, 0], [4, 0, 0]], jnp.int32),
-        logprobs=jnp.zeros((3, 3)),
+        logprobs=jnp.array([[-0.1, -0.2, -0.3], [-0.4, -0.5, 0.0], [-0.7, 0.0, 0.0]]),
         lengths=jnp.array([3, 2, 1], jnp.int32),
         is_end=jnp.array([False, True, True]),
     )
@@ -302,7 +302,18 @@ def test_response_sequences_layout():
         [[0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0]],
     )
     np.testing.assert_array_equal(out["prompt_lengths"], [2, 3, 4])
-    assert all(v.dtype == jnp.int32 for v in out.values())
+    assert all(v.dtype == jnp.int32 for k, v in out.items() if k != "logprobs")
+    # The sampler's log-probs sit on the response tokens they belong to, 0 elsewhere.
+    np.testing.assert_allclose(
+        out["logprobs"],
+        [
+            [0, 0, -0.1, -0.2, -0.3, 0, 0],
+            [0, 0, 0, -0.4, -0.5, 0, 0],
+            [0, 0, 0, 0, -0.7, 0, 0],
+        ],
+        atol=0,
+    )
+    assert out["logprobs"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,10 @@ def get_config(arg=None):
     c.rl.kl_reduce = a.kl_reduce  # mean over response tokens (NeMo) | sum (TRL)
     c.rl.baseline = "rloo_eos"  # rloo_eos: EOS-terminated siblings only (NeMo) | rloo_all (TRL)
     c.rl.normalize = "sequence"  # sequence: each response weighs 1 (NeMo) | token
+    # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
+    # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
+    # program). They agree to about 1e-7 in float32.
+    c.rl.policy_logprobs = "sampler"
     c.rl.max_prompt_len = 96
     c.rl.max_new_tokens = 32
     c.rl.temperature = 1.0

@@ -60,7 +60,10 @@ def _train(workdir):
 
 
 def test_reinforce_runs_with_reward_model(models, tmp_path):
-    result = run_experiment(_rl(models, log_every=1), str(tmp_path / "rl"))
+    # The barely trained policy seldom ends within 8 tokens: every sibling in the baseline, so
+    # that advantages are not all 0 and the policy moves.
+    config = _rl(models, log_every=1, **{"rl.baseline": "rloo_all"})
+    result = run_experiment(config, str(tmp_path / "rl"))
     rows = _train(tmp_path / "rl")
     assert sorted(rows) == [1, 2, 3, 4]
     for row in rows.values():
@@ -82,15 +85,26 @@ def test_reinforce_runs_with_reward_model(models, tmp_path):
             assert np.isfinite(row[key]), key
         assert 0 <= row["eos_rate"] <= 1
         assert 1 <= row["response_length"] <= 8  # smoke max_new_tokens
-    # Step 1 samples from the initial policy, which is the reference: the same function of the
-    # same parameters, so the KL is exactly 0; after updates it is not.
-    assert rows[1]["kl"] == 0.0
-    assert rows[4]["kl"] > 0
+    # Step 1 samples from the initial policy, which is the reference: the KL is 0 up to the
+    # difference between the sampler's cached log-probs and a full forward; after updates not.
+    assert rows[1]["kl"] <= tolerances.KV_CACHE_F32
+    assert rows[4]["kl"] > 100 * tolerances.KV_CACHE_F32
     for key in ("reward_mean", "reference_reward_mean", "win_rate_vs_reference", "kl"):
         assert key in result
     assert 0 <= result["win_rate_vs_reference"] <= 1
     meta = checkpoint.read_metadata(tmp_path / "rl" / "params")
     assert meta["kind"] == "causal_lm" and meta["objective"] == "reinforce"
+
+
+def test_sampler_logprobs_equal_recomputed(models, tmp_path):
+    """The KL from the sampler's log-probs equals the KL from a second forward pass."""
+    base = dict(num_steps=2, log_every=1, eval_every=100)
+    run_experiment(_rl(models, **base), str(tmp_path / "a"))
+    run_experiment(_rl(models, **base, **{"rl.policy_logprobs": "recompute"}), str(tmp_path / "b"))
+    a, b = _train(tmp_path / "a"), _train(tmp_path / "b")
+    for step in (1, 2):
+        assert abs(a[step]["kl"] - b[step]["kl"]) <= tolerances.KV_CACHE_F32, step
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= tolerances.KV_CACHE_F32, step
 
 
 def test_resume_is_exact(models, tmp_path):
