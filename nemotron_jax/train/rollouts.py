@@ -71,6 +71,10 @@ def check_config(config, model_config: LlamaConfig, dp: int) -> None:
         )
     if rl.kl_reduce not in KL_REDUCTIONS:
         raise ConfigError(f"config.rl.kl_reduce {rl.kl_reduce!r}; choose from {KL_REDUCTIONS}")
+    if rl.policy_logprobs not in ("sampler", "recompute"):
+        raise ConfigError(
+            f"config.rl.policy_logprobs {rl.policy_logprobs!r}; choose sampler or recompute"
+        )
     if rl.baseline not in ("rloo_eos", "rloo_all"):
         raise ConfigError(f"config.rl.baseline {rl.baseline!r}; choose rloo_eos or rloo_all")
     rollout = p * k
@@ -332,7 +336,11 @@ class RolloutSource:
         t1 = time.perf_counter()
         rewards = jax.block_until_ready(self._score(seqs, rollout))
         t2 = time.perf_counter()
-        logp = jax.block_until_ready(self._logprobs(params, seqs["tokens"], seqs["attention_mask"]))
+        if self.rl.policy_logprobs == "recompute":
+            logp = self._logprobs(params, seqs["tokens"], seqs["attention_mask"])
+        else:  # the sampler's: the same model, the same float32 log-softmax, no second pass
+            logp = seqs["logprobs"]
+        logp = jax.block_until_ready(logp)
         t3 = time.perf_counter()
         ref_logp = jax.block_until_ready(
             self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])

@@ -151,6 +151,7 @@ def test_learns_a_rule_based_reward(models, tmp_path):
         ({"rl.max_new_tokens": 4000}, "exceeds the model's context of 2048"),
         ({"rl.kl_estimator": "k2"}, "kl_estimator"),
         ({"rl.baseline": "mean"}, "baseline"),
+        ({"rl.policy_logprobs": "cached"}, "policy_logprobs"),
         ({"rl.prompts_per_step": 3}, "not a multiple of config.batch_size"),
     ],
 )
