@@ -346,12 +346,15 @@ def iter_leaf_slices(path, leaf_path: LeafPath | str) -> Iterator[np.ndarray]:
 MODEL_CONFIG = "model_config"
 
 
-def save_model_streaming(path, config, reader: FillFn, *, source: str | None = None) -> None:
+def save_model_streaming(
+    path, config, reader: FillFn, *, source: str | None = None, metadata: Mapping | None = None
+) -> None:
     """Streams a Llama params checkpoint from `reader(path, layer)` (see
-    `nemotron_jax.convert.hf_llama.make_reader`), with the config in its metadata."""
+    `nemotron_jax.convert.hf_llama.make_reader`), with the config (and `metadata`) in its
+    metadata."""
     from nemotron_jax.models.llama import abstract_params
 
-    metadata = {MODEL_CONFIG: config.to_dict(), "source": source}
+    metadata = {**(metadata or {}), MODEL_CONFIG: config.to_dict(), "source": source}
     save_params_streaming(path, abstract_params(config), reader, metadata=metadata)
 
 

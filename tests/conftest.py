@@ -16,6 +16,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 _CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if _CACHE and os.environ.get("PYTEST_XDIST_WORKER"):
+    # One cache directory per xdist worker: JAX writes an entry with a plain, non-atomic write,
+    # so a worker reading an entry that another worker is still writing gets a truncated
+    # executable (and the process aborts). Subprocesses (tools, notebook kernels) inherit it.
+    _CACHE = os.path.join(_CACHE, "pytest-" + os.environ["PYTEST_XDIST_WORKER"])
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 if _CACHE:
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

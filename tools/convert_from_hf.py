@@ -7,7 +7,9 @@
 Streams: each HF tensor is read (memory-mapped) only when its slice of the stacked parameter is
 written, so host memory stays near a few layer slices, far below one 5 GB shard. The checkpoint
 holds the params (`CKPT/params`), the model config (`CKPT/metadata`, key `model_config`) and the
-tokenizer files found in the HF dir (`CKPT/tokenizer/`). Read it back with
+tokenizer files found in the HF dir (`CKPT/tokenizer/`); `--tokenizer` and `--template` record
+how the model reads text (default: the Llama-3.1 tokenizer and chat template), which the
+training and evaluation tools check. Read it back with
 `nemotron_jax.checkpoint.load_model(CKPT)` (an LM) or `restore_params(CKPT)` (a reward model).
 
 Reward models: a `LlamaForSequenceClassification` directory, or with `--as-reward-model` a
@@ -42,6 +44,20 @@ def main() -> int:
         action="store_true",
         help="read a LlamaForCausalLM as a Nemotron reward model (reward = lm_head row 0)",
     )
+    parser.add_argument(
+        "--tokenizer",
+        choices=["llama3", "none"],
+        default="llama3",
+        help="the tokenizer the model reads, recorded in the metadata (llama3: Meta's Llama-3.1 "
+        "tokenizer from the llama-models package)",
+    )
+    parser.add_argument(
+        "--template",
+        choices=["llama3", "nemo"],
+        default="llama3",
+        help="the chat template the model was trained with, recorded in the metadata "
+        "(Llama-3.1-Instruct and Nemotron-Reward-HF: llama3)",
+    )
     args = parser.parse_args()
 
     from nemotron_jax.checkpoint import MODEL_CONFIG, save_model_streaming, save_params_streaming
@@ -53,6 +69,9 @@ def main() -> int:
     )
     from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
+    inputs = {"template": args.template}
+    if args.tokenizer != "none":
+        inputs["tokenizer"] = args.tokenizer
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
     config, ckpt = open_hf(args.hf_dir, as_reward_model=args.as_reward_model, **overrides)
     kind = ckpt.kind
@@ -66,11 +85,22 @@ def main() -> int:
             f"reading it as a reward model ({kind.kind}): the HF reward row goes to head slot "
             f"{HELPFULNESS_SLOT} of {kind.num_attributes}, other slots and the bias are zero"
         )
-        metadata = {MODEL_CONFIG: config.to_dict(), **kind.metadata(), "source": str(args.hf_dir)}
+        metadata = {
+            MODEL_CONFIG: config.to_dict(),
+            **kind.metadata(),
+            **inputs,
+            "source": str(args.hf_dir),
+        }
         abstract = abstract_params_for(config, kind.kind, kind.num_attributes)
         save_params_streaming(args.out, abstract, reader, metadata=metadata)
     else:
-        save_model_streaming(args.out, config, reader, source=str(args.hf_dir))
+        save_model_streaming(
+            args.out,
+            config,
+            reader,
+            source=str(args.hf_dir),
+            metadata={**inputs, "kind": "causal_lm"},
+        )
     tok_dir = os.path.join(args.out, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     copied = copy_tokenizer_files(args.hf_dir, tok_dir)

@@ -18,6 +18,7 @@ Einsum letters used throughout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -393,14 +394,58 @@ def _init(names: tuple[str, ...], init=_NORMAL_INIT):
     return nn.with_logical_partitioning(init, names)
 
 
-def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """einsum with inputs in the compute dtype and float32 accumulation, cast back to dtype.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [Z, C] @ w [C, R] -> [Z, R]: inputs cast to `dtype`, float32 accumulation, cast back.
 
-    On XLA:CPU a bf16 dot is only fast with a float32 accumulator, and it is more accurate.
+    The custom gradient keeps the backward's two products in `dtype` as well (JAX's own
+    transpose would feed them a float32 cotangent) and, for 16-bit dtypes, saves x already
+    transposed, so that the weight gradient x^T g is a plain [C, Z] x [Z, R] product, which
+    XLA:CPU runs in bf16 instead of upcasting a transposed operand.
     """
-    return jnp.einsum(
-        eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
-    ).astype(dtype)
+    return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(
+        dtype
+    )
+
+
+def _matmul_fwd(x, w, dtype):
+    xc, wc = x.astype(dtype), w.astype(dtype)
+    y = jnp.dot(xc, wc, preferred_element_type=jnp.float32).astype(dtype)
+    saved_x = xc if jnp.dtype(dtype) == jnp.float32 else xc.T
+    # Zero-size arrays carry the input dtypes (residuals must be arrays).
+    return y, (saved_x, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _matmul_bwd(dtype, residuals, g):
+    saved_x, wc, x_proto, w_proto = residuals
+    g = g.astype(dtype)
+    # dx = g w^T, written as a contraction over R so that no transpose of w is materialised.
+    dx = jnp.einsum("ZR,CR->ZC", g, wc, preferred_element_type=jnp.float32)
+    x_t = saved_x.T if saved_x.shape[0] == g.shape[0] else saved_x  # [C, Z]
+    dw = jnp.dot(x_t, g, preferred_element_type=jnp.float32)
+    return dx.astype(x_proto.dtype), dw.astype(w_proto.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x [B, T, *C] times w [*C, *R] -> [B, T, *R], e.g. "BTD,DNH->BTNH": inputs in the compute
+    dtype, float32 accumulation (on XLA:CPU a bf16 dot is only fast with one, and it is more
+    accurate), output cast back to dtype.
+
+    Computed as one 2-D product [B*T, prod C] x [prod C, prod R] (`_matmul`): XLA:CPU runs 2-D
+    dots and their backward much faster than the batched einsum (a reward-model training step
+    took 1.6x less time in bf16), and the weight gradient contracts one merged row axis.
+    """
+    xs, rest = eq.split(",")
+    ws, out = rest.split("->")
+    n_contract = len(xs) - 2
+    if xs[2:] != ws[:n_contract] or out != xs[:2] + ws[n_contract:]:
+        raise ValueError(f"_dot needs the form 'BT<C>,<C><R>->BT<R>', got {eq!r}")
+    b, t = x.shape[:2]
+    y = _matmul(x.reshape(b * t, -1), w.reshape(math.prod(w.shape[:n_contract]), -1), dtype)
+    return y.reshape(b, t, *w.shape[n_contract:])
 
 
 class RMSNorm(nn.Module):

@@ -125,7 +125,17 @@ def _check_same_inputs(policy_dir: str, policy_meta: dict, rm) -> None:
     chat template, else its scores are meaningless."""
     mine = (policy_meta.get("tokenizer"), policy_meta.get("template"))
     theirs = (rm.metadata.get("tokenizer"), rm.template)
-    if mine != theirs:
+    unknown = [
+        name
+        for name, a, b in zip(("tokenizer", "template"), mine, theirs, strict=True)
+        if a is None or b is None
+    ]
+    if unknown:  # e.g. a checkpoint converted without recording them: nothing to compare
+        print(
+            f"warning: cannot check that the reward model {rm.path} and the policy use the same "
+            f"{' and '.join(unknown)} (not recorded in both checkpoints)"
+        )
+    if any(a is not None and b is not None and a != b for a, b in zip(mine, theirs, strict=True)):
         raise ConfigError(
             f"reward model {rm.path} was trained with tokenizer/template {theirs} but the policy "
             f"{policy_dir} with {mine}; they must match"
