@@ -119,7 +119,10 @@ def torch_step_fn(model, pairs: int, autocast: bool):
 
 
 def jax_step_fn(config, params, dtype: str):
-    model = RewardModel(config.replace(dtype=dtype, param_dtype="float32"))
+    # Layers fully unrolled (in a training config: model.overrides.scan_unroll): at 4 small
+    # layers on CPU this is ~10% faster than the rolled scan (unroll 2 gains nothing).
+    config = config.replace(dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers)
+    model = RewardModel(config)
     apply = lambda p, b: model.apply({"params": p}, b["tokens"], attention_mask=b["attention_mask"])
     optim = {**OPTIM, "warmup_steps": 0, "schedule": "constant", "min_lr": 0.0}
     tx = make_optimizer(ml_collections.ConfigDict(optim), total_steps=1000)

@@ -118,9 +118,17 @@ class RewardModel(Llama):
 
     def _read_rows(self, tokens, attention_mask, positions):
         """[B, T] tokens -> float32 [B, A]."""
+        # Only the last real token's row is read, so with positions from the mask the attention
+        # may skip the blocks above the diagonal (Llama.hidden_states' `real_rows_only`).
+        real_rows_only = positions is None
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        hidden = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        hidden = self.hidden_states(
+            tokens,
+            positions=positions,
+            attention_mask=attention_mask,
+            real_rows_only=real_rows_only,
+        )
         index = last_token_index(attention_mask)  # [B]
         last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]  # [B, D]
         last = constrain(last, ("act_batch", "act_embed"))

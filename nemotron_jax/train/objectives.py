@@ -36,7 +36,7 @@ REWARD_OBJECTIVES = ("regression", "regular_bt", "margin_bt", "scaled_bt")
 OBJECTIVES = REWARD_OBJECTIVES + ("sft", "reinforce")
 BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
 # Fields that may differ between an init checkpoint and the run (they do not change shapes).
-_NUMERIC_FIELDS = {"dtype", "param_dtype", "remat"}
+_NUMERIC_FIELDS = {"dtype", "param_dtype", "remat", "scan_unroll"}
 
 
 @dataclasses.dataclass(frozen=True)

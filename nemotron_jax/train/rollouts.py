@@ -173,7 +173,7 @@ class RolloutSource:
     """Produces each step's REINFORCE minibatches from the current policy parameters.
 
     `produce(params, step) -> (minibatches, metrics)` is what the loop calls; `evaluate(params)`
-    scores greedy-free samples on held-out prompts against the reference policy's; `get_state` /
+    scores samples on held-out prompts against the reference policy's; `get_state` /
     `set_state` checkpoint the prompt iterator.
     """
 
@@ -211,13 +211,15 @@ class RolloutSource:
         boxed = abstract_params(mcfg, boxed=True)
         shardings = sharding.shardings_for(boxed, self.mesh, self.rules)
         ref_dir = config.get("reference_from") or config.init_from
-        ref_cfg = params_ckpt.load_model_config(ref_dir)
-        if (
-            ref_cfg.vocab_size != mcfg.vocab_size
-            or ref_cfg.hidden_size != mcfg.hidden_size
-            or ref_cfg.num_layers != mcfg.num_layers
-        ):
-            raise ConfigError(f"reference policy {ref_dir} is a different model than config.model")
+        from nemotron_jax.train.objectives import _NUMERIC_FIELDS as NUMERIC_FIELDS
+
+        theirs, ours = params_ckpt.load_model_config(ref_dir).to_dict(), mcfg.to_dict()
+        diff = sorted(k for k in ours if k not in NUMERIC_FIELDS and ours[k] != theirs[k])
+        if diff:
+            raise ConfigError(
+                f"reference policy {ref_dir}: model differs from config.model in "
+                + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
+            )
         saved = params_ckpt.saved_leaves(ref_dir)
         abstract = jax.tree_util.tree_map_with_path(
             lambda path, x: jax.ShapeDtypeStruct(

@@ -1,5 +1,7 @@
 """Configs, presets, shapes and masking of the Flax Llama (no transformers needed)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.models import Llama, LlamaConfig, count_params, init_params, positions_from_mask
+from tests import tolerances
 
 
 @pytest.mark.parametrize(
@@ -34,6 +37,7 @@ def test_unknown_preset_lists_valid_ones():
         ("rope_type", "yarn", "unsupported rope type 'yarn'"),
         ("num_kv_heads", 3, "multiple of num_kv_heads"),
         ("remat", "some", "unknown remat"),
+        ("scan_unroll", 0, "scan_unroll must be a positive int"),
     ],
 )
 def test_bad_config_values(field, value, match):
@@ -161,3 +165,77 @@ def test_pallas_attention_in_the_model_matches_xla(tiny):
 def test_unknown_attention_impl():
     with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
         LlamaConfig.preset("tiny", attention_impl="flash")
+
+
+@pytest.mark.parametrize("t", [13, 16])
+def test_block_causal_attention_matches_plain(t):
+    """Query blocks that skip the keys above the diagonal give the plain masked attention, values
+    and gradients, on a right- and a left-padded row (left padding: real rows only)."""
+    from nemotron_jax.kernels.attention import attention
+    from nemotron_jax.models.llama import block_causal_attention, make_attention_mask
+
+    b, n, kv, h = 2, 4, 2, 8
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
+    valid = np.ones((b, t), bool)
+    valid[0, t - 4 :] = False  # right padding
+    valid[1, :3] = False  # left padding
+    positions = positions_from_mask(jnp.asarray(valid))
+    mask = make_attention_mask(positions, positions, jnp.asarray(valid))
+    weight = jnp.asarray(valid, jnp.float32)[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(weight * out * jnp.sin(out)), out
+
+    plain = functools.partial(attention, mask=mask, causal=False)
+    blocked = functools.partial(block_causal_attention, mask=mask)
+    (_, want), g_want = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(plain, q, k, v)
+    (_, got), g_got = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(blocked, q, k, v)
+    np.testing.assert_allclose(got[valid], want[valid], atol=tolerances.ATTENTION_F32)
+    np.testing.assert_allclose(got[0], want[0], atol=tolerances.ATTENTION_F32)  # right-padded
+    for a, e in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32)
+
+
+def test_real_rows_only_matches_plain_attention(tiny):
+    cfg, params = tiny
+    tokens = np.random.default_rng(5).integers(4, cfg.vocab_size, (2, 14))
+    mask = np.ones((2, 14), np.int32)
+    mask[0, 10:] = 0
+    mask[1, :5] = 0
+    positions = positions_from_mask(mask)
+
+    def hidden(p, real_rows_only):
+        return Llama(cfg).apply(
+            {"params": p},
+            tokens,
+            attention_mask=mask,
+            positions=positions,
+            real_rows_only=real_rows_only,
+            method=Llama.hidden_states,
+        )
+
+    def loss(p, real_rows_only):
+        return jnp.sum(mask[:, :, None] * jnp.sin(hidden(p, real_rows_only)))
+
+    real = mask.astype(bool)
+    want, got = hidden(params, False), hidden(params, True)
+    scale = max(1.0, float(jnp.max(jnp.abs(want[real]))))
+    np.testing.assert_allclose(got[real], want[real], atol=tolerances.ATTENTION_F32 * scale)
+    for a, e in zip(
+        jax.tree.leaves(jax.grad(loss)(params, True)),
+        jax.tree.leaves(jax.grad(loss)(params, False)),
+        strict=True,
+    ):  # relative to the gradient's scale, as the attention tolerances are defined
+        scale = max(1.0, float(jnp.max(jnp.abs(e))))
+        np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32 * scale)
+
+
+def test_scan_unroll_changes_no_result(tiny):
+    cfg, params = tiny
+    tokens = np.arange(12).reshape(2, 6)
+    want = Llama(cfg).apply({"params": params}, tokens)
+    for unroll in (2, cfg.num_layers + 1):
+        got = Llama(cfg.replace(scan_unroll=unroll)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(got, want, atol=tolerances.SIMPLE_F32)
