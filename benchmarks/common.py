@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -27,3 +28,19 @@ def append_section(path: Path, section: str) -> None:
             f.write("# Benchmarks\n")
         f.write("\n" + section.lstrip("\n"))
     print(f"appended to {path}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model-size flags shared by the benchmarks (default: hidden 512, 4 layers, 8 heads /
+    2 KV heads of 64, MLP 1536, vocabulary 32,000)."""
+    for name, default in [("hidden", 512), ("layers", 4), ("heads", 8), ("kv-heads", 2)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in [("head-dim", 64), ("intermediate", 1536), ("vocab", 32000)]:
+        p.add_argument(f"--{name}", type=int, default=default)
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """`--append FILE` (default docs/benchmarks.md) or `--no-append` (print only)."""
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--append", type=Path, default=DOC, help="markdown file to append to")
+    out.add_argument("--no-append", dest="append", action="store_const", const=None)

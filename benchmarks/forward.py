@@ -19,19 +19,16 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import append_section, machine  # benchmarks/common.py
+from common import add_output_args, append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.convert import load_hf
 from nemotron_jax.models import Llama
-
-DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,9 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", "-N", type=int, default=10, help="timed runs per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--append", type=Path, default=DEFAULT_DOC, help="markdown file to append to")
-    out.add_argument("--no-append", dest="append", action="store_const", const=None)
+    add_output_args(p)
     return p.parse_args()
 
 

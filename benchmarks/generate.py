@@ -33,13 +33,12 @@ import jax
 import numpy as np
 import torch
 import transformers
-from common import append_section, machine  # benchmarks/common.py
+from common import add_model_args, add_output_args, append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.convert.hf_llama import save_hf
 from nemotron_jax.models.llama import Llama, LlamaConfig, init_params
 from nemotron_jax.sampling import SamplingConfig, make_generate_fn
 
-DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 TARGET = 3.0  # ours / transformers, decode-only tokens/s
 
 
@@ -53,16 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", "-B", type=int, default=8)
     p.add_argument("--prompt", "-P", type=int, default=64, help="prompt width (longest row)")
     p.add_argument("--new", "-N", type=int, default=128, help="tokens generated per row")
-    for name, default in [("hidden", 512), ("layers", 4), ("heads", 8), ("kv-heads", 2)]:
-        p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in [("head-dim", 64), ("intermediate", 1536), ("vocab", 32000)]:
-        p.add_argument(f"--{name}", type=int, default=default)
+    add_model_args(p)
     p.add_argument("--repeats", "-R", type=int, default=5, help="timed runs per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--append", type=Path, default=DEFAULT_DOC, help="markdown file to append to")
-    out.add_argument("--no-append", dest="append", action="store_const", const=None)
+    add_output_args(p)
     return p.parse_args()
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-from common import append_section, machine  # noqa: E402  (benchmarks/common.py)
+from common import add_model_args, add_output_args, append_section, machine  # noqa: E402  (benchmarks/common.py)
 
 from experiments.configs import reinforce  # noqa: E402
 from nemotron_jax import checkpoint  # noqa: E402
@@ -36,7 +36,6 @@ from nemotron_jax.models.llama import LlamaConfig, init_params  # noqa: E402
 from nemotron_jax.models.reward import init_reward_params  # noqa: E402
 from nemotron_jax.train import objectives, run_experiment  # noqa: E402
 
-DEFAULT_DOC = ROOT / "docs" / "benchmarks.md"
 PHASES = (
     "time_generate",
     "time_score",
@@ -53,14 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--minibatch", type=int, default=16, help="sequences per update")
     p.add_argument("--max-new", type=int, default=64, help="generated tokens per response")
     p.add_argument("--steps", type=int, default=6, help="steps; the first is compilation")
-    for name, default in [("hidden", 512), ("layers", 4), ("heads", 8), ("kv-heads", 2)]:
-        p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in [("head-dim", 64), ("intermediate", 1536), ("vocab", 32000)]:
-        p.add_argument(f"--{name}", type=int, default=default)
+    add_model_args(p)
     p.add_argument("--tiny", action="store_true", help="the `tiny` preset instead of the sizes")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--append", type=Path, default=DEFAULT_DOC, help="markdown file to append to")
-    out.add_argument("--no-append", dest="append", action="store_const", const=None)
+    add_output_args(p)
     return p.parse_args()
 
 

@@ -24,7 +24,6 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import ml_collections
 import numpy as np
 import torch
 import transformers
-from common import append_section, machine  # benchmarks/common.py
+from common import add_model_args, add_output_args, append_section, machine  # benchmarks/common.py
 
 from nemotron_jax.convert import load_hf
 from nemotron_jax.losses.reward import scaled_bt
@@ -40,7 +39,6 @@ from nemotron_jax.models.reward import HELPFULNESS_SLOT, RewardModel, reward_par
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train.steps import make_train_step
 
-DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 TARGETS = {"float32": 1.0, "bfloat16": 1.2}  # jax / torch speed
 MFU_TARGET = 0.55  # of the dtype's CPU peak
 OPTIM = dict(lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
@@ -50,19 +48,14 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", "-B", type=int, default=4, help="pairs per batch (2B sequences)")
     p.add_argument("--seq", "-T", type=int, default=256)
-    for name, default in [("hidden", 512), ("layers", 4), ("heads", 8), ("kv-heads", 2)]:
-        p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in [("head-dim", 64), ("intermediate", 1536), ("vocab", 32000)]:
-        p.add_argument(f"--{name}", type=int, default=default)
+    add_model_args(p)
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed steps per case")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--peak-f32", type=float, default=190.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--peak-bf16", type=float, default=350.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--append", type=Path, default=DEFAULT_DOC, help="markdown file to append to")
-    out.add_argument("--no-append", dest="append", action="store_const", const=None)
+    add_output_args(p)
     return p.parse_args()
 
 

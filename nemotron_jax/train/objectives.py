@@ -36,7 +36,7 @@ REWARD_OBJECTIVES = ("regression", "regular_bt", "margin_bt", "scaled_bt")
 OBJECTIVES = REWARD_OBJECTIVES + ("sft", "reinforce")
 BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
 # Fields that may differ between an init checkpoint and the run (they do not change shapes).
-_NUMERIC_FIELDS = {"dtype", "param_dtype", "remat", "scan_unroll"}
+NUMERIC_FIELDS = {"dtype", "param_dtype", "remat", "scan_unroll"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +85,8 @@ class Objective:
         A reward model takes the backbone (embed_tokens, layers, norm) and, when the checkpoint
         is a reward model and `init_head`, its head; an LM takes everything it has.
         """
-        metadata = params_ckpt.read_metadata(path)
+        check_model_config(path, self.model_config, "init_from")
         saved = params_ckpt.saved_leaves(path)
-        if "model_config" in metadata:
-            theirs = LlamaConfig.from_dict(metadata["model_config"]).to_dict()
-            ours = self.model_config.to_dict()
-            diff = sorted(k for k in ours if k not in _NUMERIC_FIELDS and ours[k] != theirs[k])
-            if diff:
-                raise ConfigError(
-                    f"init_from {path}: model differs from config.model in "
-                    + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
-                )
         wanted = set(BACKBONE_KEYS)
         if not self.is_reward:
             wanted |= {"lm_head"}
@@ -107,15 +98,36 @@ class Objective:
         if missing:
             names = ["/".join(_path(p)) for p in missing[:4]]
             raise ConfigError(f"init_from {path}: checkpoint lacks {names}")
-        # Restore in the dtype it was saved in, then cast into the run's dtype, same sharding.
-        abstract = jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.ShapeDtypeStruct(x.shape, saved[_path(p)][1]), target
+        return {**params, **restore_as(path, target, {k: shardings[k] for k in target})}
+
+
+def check_model_config(path: str, model_config: LlamaConfig, what: str) -> None:
+    """A params checkpoint must hold the same architecture as `model_config` (numeric fields such
+    as dtype may differ); a checkpoint that records none is accepted."""
+    metadata = params_ckpt.read_metadata(path)
+    if "model_config" not in metadata:
+        return
+    theirs = LlamaConfig.from_dict(metadata["model_config"]).to_dict()
+    ours = model_config.to_dict()
+    diff = sorted(k for k in ours if k not in NUMERIC_FIELDS and ours[k] != theirs[k])
+    if diff:
+        raise ConfigError(
+            f"{what} {path}: model differs from config.model in "
+            + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
         )
-        restored = params_ckpt.restore_params(
-            path, abstract, shardings={k: shardings[k] for k in target}
-        )
-        cast = jax.jit(lambda r, t: jax.tree.map(lambda a, b: a.astype(b.dtype), r, t))
-        return {**params, **cast(restored, target)}
+
+
+def restore_as(path: str, target, shardings):
+    """The leaves of `target` (arrays or `ShapeDtypeStruct`s) from the params checkpoint at
+    `path`: restored in the dtype they were saved in, then cast to the target's dtype, with
+    `shardings`."""
+    saved = params_ckpt.saved_leaves(path)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, saved[_path(p)][1]), target
+    )
+    restored = params_ckpt.restore_params(path, abstract, shardings=shardings)
+    dtypes = jax.tree.map(lambda x: x.dtype, target)
+    return jax.jit(lambda r: jax.tree.map(lambda a, d: a.astype(d), r, dtypes))(restored)
 
 
 def _path(key_path) -> tuple[str, ...]:

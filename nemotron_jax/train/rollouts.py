@@ -94,10 +94,6 @@ def check_config(config, model_config: LlamaConfig, dp: int) -> None:
             f"{rl.max_new_tokens} = {total} exceeds the model's context of "
             f"{model_config.max_position_embeddings} tokens"
         )
-    if not config.get("init_from"):
-        raise ConfigError(
-            "config.init_from must name the initial policy (e.g. an SFT run's <workdir>/params)"
-        )
     if bool(config.get("rm_from")) == bool(config.get("reward_fn")):
         raise ConfigError(
             "set exactly one of config.rm_from (a reward-model params checkpoint) "
@@ -211,27 +207,10 @@ class RolloutSource:
         boxed = abstract_params(mcfg, boxed=True)
         shardings = sharding.shardings_for(boxed, self.mesh, self.rules)
         ref_dir = config.get("reference_from") or config.init_from
-        from nemotron_jax.train.objectives import _NUMERIC_FIELDS as NUMERIC_FIELDS
+        from nemotron_jax.train.objectives import check_model_config, restore_as
 
-        theirs, ours = params_ckpt.load_model_config(ref_dir).to_dict(), mcfg.to_dict()
-        diff = sorted(k for k in ours if k not in NUMERIC_FIELDS and ours[k] != theirs[k])
-        if diff:
-            raise ConfigError(
-                f"reference policy {ref_dir}: model differs from config.model in "
-                + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
-            )
-        saved = params_ckpt.saved_leaves(ref_dir)
-        abstract = jax.tree_util.tree_map_with_path(
-            lambda path, x: jax.ShapeDtypeStruct(
-                x.shape, saved[tuple(str(getattr(k, "key", k)) for k in path)][1]
-            ),
-            nn.unbox(boxed),
-        )
-        restored = params_ckpt.restore_params(ref_dir, abstract, shardings=shardings)
-        dtype = jnp.dtype(mcfg.param_dtype)
-        self.ref_params = jax.jit(
-            lambda t: jax.tree.map(lambda a: a.astype(dtype), t), out_shardings=shardings
-        )(restored)
+        check_model_config(ref_dir, mcfg, "reference policy")
+        self.ref_params = restore_as(ref_dir, nn.unbox(boxed), shardings)
         policy_meta = params_ckpt.read_metadata(config.init_from)
 
         self.reward_fn = None
@@ -322,15 +301,13 @@ class RolloutSource:
     def _next_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self._order)
         # Epochs of one fixed permutation, reshuffled per epoch from the seed: resumable by cursor.
+        orders = {0: self._order}
         idx = []
         for c in range(self._cursor, self._cursor + self.p):
             epoch, i = divmod(c, n)
-            order = (
-                self._order
-                if epoch == 0
-                else np.random.default_rng((self.config.seed, epoch)).permutation(n)
-            )
-            idx.append(order[i])
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng((self.config.seed, epoch)).permutation(n)
+            idx.append(orders[epoch][i])
         self._cursor += self.p
         idx = np.asarray(idx)
         return self.prompts.tokens[idx], self.prompts.mask[idx]

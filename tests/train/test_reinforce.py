@@ -13,6 +13,7 @@ from nemotron_jax.errors import ConfigError
 from nemotron_jax.metrics import read_metrics
 from nemotron_jax.train import run_experiment
 from tests import tolerances
+from tests.train.test_loop import _smoke
 
 
 def vowel_fraction(prompts, responses):
@@ -23,22 +24,6 @@ def vowel_fraction(prompts, responses):
         letters = [c for c in text.lower() if c.isalpha()]
         out.append(sum(c in "aeiou" for c in letters) / max(1, len(letters)))
     return out
-
-
-def _set(c, **changes):
-    for key, value in changes.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
-
-
-def _smoke(module, arg="", **changes):
-    c = module.get_config("smoke" + (f",{arg}" if arg else ""))
-    c.progress = False
-    return _set(c, **changes)
 
 
 @pytest.fixture(scope="module")
