@@ -44,3 +44,21 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--append", type=Path, default=DOC, help="markdown file to append to")
     out.add_argument("--no-append", dest="append", action="store_const", const=None)
+
+
+def add_matmul_args(p: argparse.ArgumentParser) -> None:
+    """`--matmul-impls xla,onednn`: one JAX row per `LlamaConfig.matmul_impl`."""
+    p.add_argument(
+        "--matmul-impls", default="xla,onednn", type=lambda s: s.split(","),
+        help="LlamaConfig.matmul_impl values, one jax row each (onednn skipped if unavailable)",
+    )  # fmt: skip
+
+
+def available_matmul_impls(impls: list[str]) -> list[str]:
+    """`impls` without "onednn" when the oneDNN handler cannot be built here (says so)."""
+    from nemotron_jax.kernels import onednn
+
+    if "onednn" in impls and not onednn.available():
+        print("oneDNN matmul unavailable (pip install 'nemotron_jax[onednn]'): xla rows only")
+        return [i for i in impls if i != "onednn"]
+    return impls

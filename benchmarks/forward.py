@@ -25,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import add_output_args, append_section, machine  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    add_matmul_args,
+    add_output_args,
+    append_section,
+    available_matmul_impls,
+    machine,
+)
 
 from nemotron_jax.convert import load_hf
 from nemotron_jax.models import Llama
@@ -41,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", "-N", type=int, default=10, help="timed runs per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
+    add_matmul_args(p)
     add_output_args(p)
     return p.parse_args()
 
@@ -91,8 +98,8 @@ def bench_torch(model, tokens, mask, dtype, args):
     return best, med, out.float().numpy()
 
 
-def bench_jax(config, params, tokens, mask, dtype, args):
-    config = config.replace(dtype=dtype, param_dtype=dtype)
+def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl):
+    config = config.replace(dtype=dtype, param_dtype=dtype, matmul_impl=matmul_impl)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     fwd = jax.jit(lambda p, t, m: Llama(config).apply({"params": p}, t, attention_mask=m))
     tok, am = jnp.asarray(tokens), jnp.asarray(mask)
@@ -105,6 +112,7 @@ def bench_jax(config, params, tokens, mask, dtype, args):
 
 def main() -> None:
     args = parse_args()
+    args.matmul_impls = available_matmul_impls(args.matmul_impls)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     hf_cfg = hf_config(args)
@@ -125,30 +133,33 @@ def main() -> None:
     rows, logits = [], {}
     for name in ("float32", "bfloat16"):
         tb, tm, logits["torch", name] = bench_torch(model, tokens, mask, getattr(torch, name), args)
-        jb, jm, logits["jax", name] = bench_jax(config, params, tokens, mask, name, args)
-        # Best of N is the least disturbed by other processes, so the verdict uses it.
-        ratio = tb / jb  # = jax tok/s / torch tok/s
-        rows.append((name, ntok / tb, ntok / tm, ntok / jb, ntok / jm, ratio))
-        print(f"{name}: torch best {tb * 1e3:.1f} ms, jax best {jb * 1e3:.1f} ms")
-    diff = {
-        d: float(np.abs(logits["jax", d] - logits["torch", d]).max())
-        for d in ("float32", "bfloat16")
-    }
+        for impl in args.matmul_impls:
+            jb, jm, logits[impl, name] = bench_jax(config, params, tokens, mask, name, args, impl)
+            # Best of N is the least disturbed by other processes, so the verdict uses it.
+            ratio = tb / jb  # = jax tok/s / torch tok/s
+            rows.append((name, impl, ntok / tb, ntok / tm, ntok / jb, ntok / jm, ratio))
+            print(f"{name}: torch best {tb * 1e3:.1f} ms, jax/{impl} best {jb * 1e3:.1f} ms")
 
     lines = [
-        "| dtype | torch tok/s (best) | torch tok/s (median) | jax tok/s (best) "
+        "| dtype | matmul_impl | torch tok/s (best) | torch tok/s (median) | jax tok/s (best) "
         "| jax tok/s (median) | jax/torch (best) | target |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, tb, tm, jb, jm, ratio in rows:
+    for name, impl, tb, tm, jb, jm, ratio in rows:
         verdict = "PASS" if ratio >= 1.0 else "MISS"
         lines.append(
-            f"| {name} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} | {jm:,.0f} | {ratio:.2f}x | {verdict} |"
+            f"| {name} | {impl} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} | {jm:,.0f} | {ratio:.2f}x "
+            f"| {verdict} |"
         )
     table = "\n".join(lines)
+    diffs = ", ".join(
+        f"{d} {impl} {np.abs(logits[impl, d] - logits['torch', d]).max():.2e}"
+        for d in ("float32", "bfloat16")
+        for impl in args.matmul_impls
+    )
     sanity = (
-        f"max |logit diff| jax vs torch: float32 {diff['float32']:.2e} (sanity), "
-        f"bfloat16 {diff['bfloat16']:.2e}. torch bf16 returns bf16 logits, nemotron_jax float32."
+        f"max |logit diff| jax vs torch: {diffs} (float32: sanity). torch bf16 returns bf16 "
+        f"logits, nemotron_jax float32."
     )
     shape = (
         f"hidden {hf_cfg.hidden_size}, {hf_cfg.num_hidden_layers} layers, "

@@ -36,6 +36,7 @@ from nemotron_jax.sharding import constrain
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
+MATMUL_IMPLS = ("xla", "onednn")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -81,6 +82,10 @@ class LlamaConfig:
     # nemotron_jax.kernels.attention implementation: "auto" picks cuDNN on GPUs for bf16/fp16
     # compute and plain XLA otherwise; or "xla", "cudnn", "pallas", "pallas_interpret".
     attention_impl: str = "auto"
+    # Projection and LM-head products: "xla" (any backend, any mesh) or "onednn", oneDNN's CPU
+    # matmul through an XLA FFI call (nemotron_jax.kernels.onednn; one CPU device, the onednn
+    # extra and a C++ compiler). Changes no parameter and no result beyond float rounding.
+    matmul_impl: str = "xla"
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -96,6 +101,13 @@ class LlamaConfig:
             raise ConfigError(
                 f"unknown attention_impl {self.attention_impl!r}; choose from {ATTENTION_IMPLS}"
             )
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ConfigError(
+                f"unknown matmul_impl {self.matmul_impl!r}; choose from {MATMUL_IMPLS}"
+            )
+        if self.matmul_impl == "onednn" and self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"matmul_impl 'onednn' computes in float32 or bfloat16, not dtype "
+                              f"{self.dtype!r}")  # fmt: skip
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll <= 0:
@@ -399,42 +411,79 @@ def _init(names: tuple[str, ...], init=_NORMAL_INIT):
     return nn.with_logical_partitioning(init, names)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+def _product(a, b, out_dtype, impl, transpose_a=False, transpose_b=False):
+    """op(a) @ op(b) accumulated in float32, returned in out_dtype, by XLA or by oneDNN."""
+    if impl == "onednn":
+        from nemotron_jax.kernels import onednn  # lazy: builds the handler on first use
+
+        return onednn.matmul(
+            a, b, out_dtype=out_dtype, transpose_a=transpose_a, transpose_b=transpose_b
+        )
+    dims = (((0,) if transpose_a else (1,), (1,) if transpose_b else (0,)), ((), ()))
+    y = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.Array:
     """x [Z, C] @ w [C, R] -> [Z, R]: inputs cast to `dtype`, float32 accumulation, cast back.
 
     The custom gradient keeps the backward's two products in `dtype` as well (JAX's own
-    transpose would feed them a float32 cotangent) and, for 16-bit dtypes, saves x already
-    transposed, so that the weight gradient x^T g is a plain [C, Z] x [Z, R] product, which
-    XLA:CPU runs in bf16 instead of upcasting a transposed operand.
+    transpose would feed them a float32 cotangent). With impl "xla" and a 16-bit dtype it saves x
+    already transposed, so that the weight gradient x^T g is a plain [C, Z] x [Z, R] product,
+    which XLA:CPU runs in bf16 instead of upcasting a transposed operand; oneDNN reads transposed
+    operands in place.
     """
-    return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(
-        dtype
-    )
+    return _product(x.astype(dtype), w.astype(dtype), dtype, impl)
 
 
-def _matmul_fwd(x, w, dtype):
+def _save_transposed(dtype, impl) -> bool:
+    return impl == "xla" and jnp.dtype(dtype) != jnp.float32
+
+
+def _matmul_fwd(x, w, dtype, impl):
     xc, wc = x.astype(dtype), w.astype(dtype)
-    y = jnp.dot(xc, wc, preferred_element_type=jnp.float32).astype(dtype)
-    saved_x = xc if jnp.dtype(dtype) == jnp.float32 else xc.T
+    y = _product(xc, wc, dtype, impl)
+    saved_x = xc.T if _save_transposed(dtype, impl) else xc
     # Zero-size arrays carry the input dtypes (residuals must be arrays).
     return y, (saved_x, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
-def _matmul_bwd(dtype, residuals, g):
+def _matmul_bwd(dtype, impl, residuals, g):
     saved_x, wc, x_proto, w_proto = residuals
     g = g.astype(dtype)
-    # dx = g w^T, written as a contraction over R so that no transpose of w is materialised.
-    dx = jnp.einsum("ZR,CR->ZC", g, wc, preferred_element_type=jnp.float32)
-    x_t = saved_x.T if saved_x.shape[0] == g.shape[0] else saved_x  # [C, Z]
-    dw = jnp.dot(x_t, g, preferred_element_type=jnp.float32)
-    return dx.astype(x_proto.dtype), dw.astype(w_proto.dtype)
+    # dx = g w^T, a contraction over R, so that no transpose of w is materialised.
+    dx = _product(g, wc, x_proto.dtype, impl, transpose_b=True)
+    dw = _product(saved_x, g, w_proto.dtype, impl, transpose_a=not _save_transposed(dtype, impl))
+    return dx, dw
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+@jax.custom_vjp
+def _logits_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+    """h [Z, D] @ w [D, V] -> float32 [Z, V] through oneDNN (inputs already in the compute
+    dtype); gradients in the input dtypes."""
+    return _product(h, w, jnp.float32, "onednn")
+
+
+def _logits_matmul_fwd(h, w):
+    return _product(h, w, jnp.float32, "onednn"), (h, w)
+
+
+def _logits_matmul_bwd(residuals, g):
+    h, w = residuals
+    g = g.astype(h.dtype)
+    dh = _product(g, w, h.dtype, "onednn", transpose_b=True)
+    dw = _product(h, g, w.dtype, "onednn", transpose_a=True)
+    return dh, dw
+
+
+_logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.Array:
     """x [B, T, *C] times w [*C, *R] -> [B, T, *R], e.g. "BTD,DNH->BTNH": inputs in the compute
     dtype, float32 accumulation (on XLA:CPU a bf16 dot is only fast with one, and it is more
     accurate), output cast back to dtype.
@@ -449,7 +498,8 @@ def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     if xs[2:] != ws[:n_contract] or out != xs[:2] + ws[n_contract:]:
         raise ValueError(f"_dot needs the form 'BT<C>,<C><R>->BT<R>', got {eq!r}")
     b, t = x.shape[:2]
-    y = _matmul(x.reshape(b * t, -1), w.reshape(math.prod(w.shape[:n_contract]), -1), dtype)
+    w2 = w.reshape(math.prod(w.shape[:n_contract]), -1)
+    y = _matmul(x.reshape(b * t, -1), w2, dtype, impl)
     return y.reshape(b, t, *w.shape[n_contract:])
 
 
@@ -521,9 +571,9 @@ class Attention(nn.Module):
         wv = self.param("v_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
         wo = self.param("o_proj", _init(("q_heads", "head_dim", "embed")), (n, h, d), pdtype)
 
-        q = apply_rope(_dot("BTD,DNH->BTNH", x, wq, dtype), cos, sin)
-        key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype), cos, sin)
-        value = _dot("BSD,DKH->BSKH", x, wv, dtype)
+        q = apply_rope(_dot("BTD,DNH->BTNH", x, wq, dtype, cfg.matmul_impl), cos, sin)
+        key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype, cfg.matmul_impl), cos, sin)
+        value = _dot("BSD,DKH->BSKH", x, wv, dtype, cfg.matmul_impl)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         if kv_cache is not None:
 
@@ -538,7 +588,7 @@ class Attention(nn.Module):
             key, value = (kv_cache[name].transpose(0, 2, 1, 3) for name in ("k", "v"))
             # The fused kernels are causal by index; a cache needs causality by position.
             out = kernel_attention(q, key, value, mask=mask, causal=False)
-            return _dot("BTNH,NHD->BTD", out, wo, dtype), kv_cache
+            return _dot("BTNH,NHD->BTD", out, wo, dtype, cfg.matmul_impl), kv_cache
         impl = resolve_attention_impl(cfg)
         if impl == "xla" and index_causal:
             out = block_causal_attention(q, key, value.astype(dtype), mask)
@@ -546,7 +596,7 @@ class Attention(nn.Module):
             out = kernel_attention(q, key, value.astype(dtype), mask=mask, causal=False)
         else:  # fused kernels take padding as segment ids and causality by index
             out = _fused_attention(q, key, value.astype(dtype), segment_ids, impl)
-        return _dot("BTNH,NHD->BTD", out, wo, dtype), None
+        return _dot("BTNH,NHD->BTD", out, wo, dtype, cfg.matmul_impl), None
 
 
 class MLP(nn.Module):
@@ -562,10 +612,10 @@ class MLP(nn.Module):
         w_gate = self.param("gate_proj", _init(("embed", "mlp")), (d, f), pdtype)
         w_up = self.param("up_proj", _init(("embed", "mlp")), (d, f), pdtype)
         w_down = self.param("down_proj", _init(("mlp", "embed")), (f, d), pdtype)
-        gate = _dot("BTD,DF->BTF", x, w_gate, dtype)
-        up = _dot("BTD,DF->BTF", x, w_up, dtype)
+        gate = _dot("BTD,DF->BTF", x, w_gate, dtype, cfg.matmul_impl)
+        up = _dot("BTD,DF->BTF", x, w_up, dtype, cfg.matmul_impl)
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return _dot("BTF,FD->BTD", hidden, w_down, dtype)
+        return _dot("BTF,FD->BTD", hidden, w_down, dtype, cfg.matmul_impl)
 
 
 class DecoderLayer(nn.Module):
@@ -749,11 +799,17 @@ class Llama(nn.Module):
 
     def logits(self, hidden):
         """float32 logits [B, T, V] from final hidden states [B, T, D]."""
-        dtype = DTYPES[self.config.dtype]
+        cfg = self.config
+        dtype = DTYPES[cfg.dtype]
         w = self.lm_head_matrix().astype(dtype)
-        logits = jnp.einsum(
-            "BTD,DV->BTV", hidden.astype(dtype), w, preferred_element_type=jnp.float32
-        )
+        if cfg.matmul_impl == "onednn":
+            b, t, _ = hidden.shape
+            flat = _logits_matmul(hidden.reshape(b * t, -1).astype(dtype), w)
+            logits = flat.reshape(b, t, -1)
+        else:
+            logits = jnp.einsum(
+                "BTD,DV->BTV", hidden.astype(dtype), w, preferred_element_type=jnp.float32
+            )
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 

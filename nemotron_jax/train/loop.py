@@ -47,6 +47,12 @@ def validate(config, mesh) -> None:
         raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {dp}")
     if config.num_steps <= 0:
         raise ConfigError(f"num_steps must be positive, got {config.num_steps}")
+    if objectives.model_config(config).matmul_impl == "onednn" and mesh.size > 1:
+        # The custom call has no partitioning rule: every device would compute every product.
+        raise ConfigError(
+            f"model.overrides.matmul_impl 'onednn' runs on one CPU device, but the mesh "
+            f"{dict(mesh.shape)} has {mesh.size}; set mesh to (1, 1, 1) or use 'xla'"
+        )
 
 
 def _abstract_state(objective, tx, rng):

@@ -130,6 +130,7 @@ def test_run_writes_config_metrics_and_report(tmp_path):
         (dict(**{"model.preset": "llama4"}), "unknown preset 'llama4'"),
         (dict(**{"loss.tie_policy": "coin"}), "tie_policy"),
         (dict(**{"loss.slot": 12}), "outside the 9-slot head"),
+        (dict(**{"model.overrides": {"matmul_impl": "onednn"}}), "runs on one CPU device"),
     ],
 )
 def test_bad_config_fails_at_start(tmp_path, changes, match):

@@ -1,0 +1,131 @@
+// XLA FFI handler: one 2-D matrix product on the CPU through oneDNN's matmul primitive.
+//
+//   c[M, N] = op(a) @ op(b),  op(a) [M, K], op(b) [K, N],  op = identity or transpose
+//
+// a and b share one dtype (f32 or bf16); c is f32 or bf16; accumulation is always f32.
+// Transposed operands are described to oneDNN by their strides, so nothing is copied. oneDNN
+// picks the kernel for the machine (AMX or AVX-512 bf16 on recent Xeons).
+//
+// Threads: oneDNN runs each product on its own OpenMP team of all cores. Products run one at a
+// time (a mutex): XLA executes independent thunks concurrently, and two teams on the same cores
+// stall in their barriers.
+//
+// Built on first use by nemotron_jax/kernels/onednn/__init__.py; see that file.
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+// M, K, N, transpose_a, transpose_b, dtype in, dtype out
+using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int>;
+
+struct State {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::mutex mu;
+  std::map<Key, dnnl::matmul> primitives;
+  std::mutex run_mu;  // one product at a time (see the top of this file)
+};
+
+State& state() {
+  static State* s = new State();  // never destroyed: XLA may run handlers during exit
+  return *s;
+}
+
+bool ToDnnl(ffi::DataType t, dt* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = dt::f32; return true;
+    case ffi::DataType::BF16: *out = dt::bf16; return true;
+    default: return false;
+  }
+}
+
+struct Problem {
+  const char* a;  // bytes
+  const char* b;
+  char* c;
+  int64_t m, k, n;
+  bool ta, tb;
+  dt in, out;
+};
+
+void Run(const Problem& p) {
+  using dims = dnnl::memory::dims;
+  // op(a)[r, j] is a[r, j] (strides K, 1), or a[j, r] (strides 1, M) when transposed; the same
+  // for op(b) with N in place of M.
+  dnnl::memory::desc a_md(dims{p.m, p.k}, p.in, p.ta ? dims{1, p.m} : dims{p.k, 1});
+  dnnl::memory::desc b_md(dims{p.k, p.n}, p.in, p.tb ? dims{1, p.k} : dims{p.n, 1});
+  dnnl::memory::desc c_md(dims{p.m, p.n}, p.out, dims{p.n, 1});
+  State& s = state();
+  dnnl::matmul primitive;
+  {
+    const Key key{p.m, p.k, p.n, p.ta, p.tb, static_cast<int>(p.in), static_cast<int>(p.out)};
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.primitives.find(key);
+    if (it == s.primitives.end()) {
+      dnnl::matmul::primitive_desc pd(s.engine, a_md, b_md, c_md);
+      it = s.primitives.emplace(key, dnnl::matmul(pd)).first;
+    }
+    primitive = it->second;
+  }
+  std::lock_guard<std::mutex> run_lock(s.run_mu);
+  dnnl::stream stream(s.engine);
+  dnnl::memory am(a_md, s.engine, const_cast<char*>(p.a));
+  dnnl::memory bm(b_md, s.engine, const_cast<char*>(p.b));
+  dnnl::memory cm(c_md, s.engine, p.c);
+  primitive.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream.wait();
+}
+
+ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
+                  ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
+    return ffi::Error::InvalidArgument("onednn matmul: operands must be 2-D");
+  }
+  const int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
+  const int64_t kb = transpose_b ? bd[1] : bd[0], n = transpose_b ? bd[0] : bd[1];
+  if (k != kb || cd[0] != m || cd[1] != n) {
+    return ffi::Error::InvalidArgument("onednn matmul: shapes do not agree");
+  }
+  dt in_a, in_b, out;
+  if (!ToDnnl(a.element_type(), &in_a) || !ToDnnl(b.element_type(), &in_b) ||
+      !ToDnnl(c->element_type(), &out) || in_a != in_b) {
+    return ffi::Error::InvalidArgument(
+        "onednn matmul: operands must both be f32 or both bf16, and the result f32 or bf16");
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(c->untyped_data(), 0, c->size_bytes());
+    return ffi::Error::Success();
+  }
+  try {
+    Run(Problem{static_cast<const char*>(a.untyped_data()),
+                static_cast<const char*>(b.untyped_data()),
+                static_cast<char*>(c->untyped_data()), m, k, n, transpose_a, transpose_b, in_a,
+                out});
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn matmul: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NemotronOnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
