@@ -46,6 +46,26 @@ def test_matches_xla_dot(dtype, out_dtype, transpose_a, transpose_b):
     assert _rel_err(got, want) <= tol
 
 
+@pytest.mark.parametrize("transpose_a,transpose_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_batched_matches_einsum(transpose_a, transpose_b):
+    rng = np.random.default_rng(1)
+    z, m, k, n = 3, 40, 24, 18
+    a = jnp.asarray(rng.normal(size=(z, k, m) if transpose_a else (z, m, k)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(z, n, k) if transpose_b else (z, k, n)), jnp.bfloat16)
+    fn = functools.partial(
+        onednn.matmul, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b)
+    )
+    got = jax.jit(fn)(a, b)
+    a_, b_ = (
+        (jnp.swapaxes(a, 1, 2) if transpose_a else a),
+        (jnp.swapaxes(b, 1, 2) if transpose_b else b),
+    )
+    want = jnp.einsum("zmk,zkn->zmn", a_, b_, preferred_element_type=jnp.float32)
+    assert got.shape == (z, m, n) and _rel_err(got, want) <= tolerances.MATMUL_F32
+    with pytest.raises(ValueError, match="same batch size"):
+        onednn.matmul(a, b[:2])
+
+
 def test_empty_contraction_and_rows():
     a, b = jnp.ones((3, 0), jnp.float32), jnp.ones((0, 4), jnp.float32)
     assert np.array_equal(jax.jit(onednn.matmul)(a, b), np.zeros((3, 4)))
@@ -117,3 +137,39 @@ def test_bf16_reward_loss_close_to_xla():
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         scale = max(float(np.abs(w).max()), 1e-30)
         assert float(np.abs(np.asarray(g) - np.asarray(w)).max()) / scale <= tolerances.BF16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_matches_reference(dtype):
+    """onednn.attention (the reference's masking and softmax, oneDNN products) against the
+    reference: values and q/k/v gradients, on a right- and a left-padded row."""
+    from nemotron_jax.kernels.attention.reference import attention_reference
+    from nemotron_jax.models.llama import make_attention_mask, positions_from_mask
+
+    b, t, n, kv, h = 2, 12, 4, 2, 8
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), dtype) for m in (n, kv, kv))
+    valid = np.ones((b, t), bool)
+    valid[0, t - 3 :] = False
+    valid[1, :2] = False
+    positions = positions_from_mask(jnp.asarray(valid))
+    mask = make_attention_mask(positions, positions, jnp.asarray(valid))
+    weight = jnp.asarray(valid, jnp.float32)[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v, mask=mask).astype(jnp.float32)
+        return jnp.sum(weight * out * jnp.sin(out)), out
+
+    ref = functools.partial(attention_reference, causal=False)
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+    (_, want), g_want = jax.jit(grad, static_argnums=0)(ref, q, k, v)
+    (_, got), g_got = jax.jit(grad, static_argnums=0)(onednn.attention, q, k, v)
+    f32 = dtype == "float32"
+    tol, grad_tol = (
+        (tolerances.ATTENTION_F32, tolerances.ATTENTION_GRAD_F32)
+        if f32
+        else (tolerances.ATTENTION_BF16, tolerances.ATTENTION_GRAD_BF16)
+    )
+    assert _rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) <= tol
+    for a, e in zip(g_got, g_want, strict=True):
+        assert _rel_err(a, e) <= grad_tol

@@ -239,3 +239,23 @@ def test_scan_unroll_changes_no_result(tiny):
     for unroll in (2, cfg.num_layers + 1):
         got = Llama(cfg.replace(scan_unroll=unroll)).apply({"params": params}, tokens)
         np.testing.assert_allclose(got, want, atol=tolerances.SIMPLE_F32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rmsnorm_scale_gradient_is_the_column_sum(dtype):
+    """RMSNorm's custom gradient (the scale gradient taken as a product with a ones row) equals
+    plain autodiff of x * scale."""
+    from nemotron_jax.models.llama import _scale_features
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 7, 16)), dtype)
+    scale = jnp.asarray(rng.normal(size=(16,)), dtype)
+    g = jnp.asarray(rng.normal(size=(3, 7, 16)), dtype)
+    got = jax.vjp(_scale_features, x, scale)[1](g)
+    want = jax.vjp(lambda a, s: a * s, x, scale)[1](g)
+    # bf16: autodiff sums the bf16 products in bf16, the product accumulates them in float32.
+    tol = tolerances.SIMPLE_F32 if dtype == "float32" else tolerances.BF16
+    for a, e in zip(got, want, strict=True):
+        assert a.dtype == e.dtype
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert np.abs(a - e).max() / max(1.0, np.abs(e).max()) <= tol

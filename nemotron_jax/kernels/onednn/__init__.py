@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pathlib
 import shutil
@@ -116,30 +117,102 @@ def matmul(
     transpose_a: bool = False,
     transpose_b: bool = False,
 ) -> jax.Array:
-    """op(a) [M, K] @ op(b) [K, N] -> [M, N] in `out_dtype`, accumulated in float32.
+    """op(a) [M, K] @ op(b) [K, N] -> [M, N] in `out_dtype`, accumulated in float32; or, for 3-D
+    operands, the same for every index of their shared leading batch axis -> [Z, M, N].
 
-    a and b: both float32 or both bfloat16; op transposes when `transpose_a` / `transpose_b`
-    (no copy is made). Not differentiable by itself: `nemotron_jax.models.llama._matmul` gives it
-    a custom gradient built from the same call.
+    a and b: both float32 or both bfloat16; op transposes the last two axes when `transpose_a` /
+    `transpose_b` (no copy is made). Not differentiable by itself: `models.llama._matmul` and
+    `attention` below give it custom gradients built from the same call.
     """
     _register()
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"onednn.matmul takes 2-D operands, got {a.shape} and {b.shape}")
+    if a.ndim != b.ndim or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[0] != b.shape[0]):
+        raise ValueError(
+            f"onednn.matmul takes two 2-D operands or two 3-D ones with the same batch size, "
+            f"got {a.shape} and {b.shape}"
+        )
     if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"onednn.matmul: operands must both be float32 or bfloat16, got "
                          f"{a.dtype} and {b.dtype}")  # fmt: skip
     out_dtype = jnp.dtype(out_dtype)
     if out_dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"onednn.matmul: out_dtype must be float32 or bfloat16, got {out_dtype}")
-    m, k = a.shape[::-1] if transpose_a else a.shape
-    kb, n = b.shape[::-1] if transpose_b else b.shape
+    batch = a.shape[:-2]
+    m, k = a.shape[-2:][::-1] if transpose_a else a.shape[-2:]
+    kb, n = b.shape[-2:][::-1] if transpose_b else b.shape[-2:]
     if k != kb:
         raise ValueError(f"onednn.matmul: contracting sizes differ ({a.shape} x {b.shape}, "
                          f"transpose_a={transpose_a}, transpose_b={transpose_b})")  # fmt: skip
     # oneDNN has no float32 x float32 -> bfloat16 kernel: round the float32 result instead.
     call_dtype = jnp.float32 if a.dtype == jnp.float32 else out_dtype
     call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((m, n), call_dtype), vmap_method="sequential"
+        TARGET, jax.ShapeDtypeStruct((*batch, m, n), call_dtype), vmap_method="sequential"
     )
     y = call(a, b, transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
     return y.astype(out_dtype)
+
+
+# --- attention with oneDNN products -----------------------------------------------------------
+
+
+@jax.custom_vjp
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q [Z, M, H] x k [Z, S, H] -> float32 [Z, M, S] (q k^T per batch index)."""
+    return matmul(q, k, transpose_b=True)
+
+
+def _scores_fwd(q, k):
+    return matmul(q, k, transpose_b=True), (q, k)
+
+
+def _scores_bwd(res, g):
+    q, k = res
+    g = g.astype(q.dtype)
+    dq = matmul(g, k, out_dtype=q.dtype)  # [Z, M, S] x [Z, S, H]
+    dk = matmul(g, q, out_dtype=k.dtype, transpose_a=True)  # [Z, S, M] x [Z, M, H]
+    return dq, dk
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+@jax.custom_vjp
+def _weighted_values(p: jax.Array, v: jax.Array) -> jax.Array:
+    """p [Z, M, S] x v [Z, S, H] -> float32 [Z, M, H]."""
+    return matmul(p, v)
+
+
+def _weighted_values_fwd(p, v):
+    return matmul(p, v), (p, v)
+
+
+def _weighted_values_bwd(res, g):
+    p, v = res
+    g = g.astype(v.dtype)
+    dp = matmul(g, v, out_dtype=p.dtype, transpose_b=True)  # [Z, M, H] x [Z, H, S]
+    dv = matmul(p, g, out_dtype=v.dtype, transpose_a=True)  # [Z, S, M] x [Z, M, H]
+    return dp, dv
+
+
+_weighted_values.defvjp(_weighted_values_fwd, _weighted_values_bwd)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array) -> jax.Array:
+    """`nemotron_jax.kernels.attention.reference.attention_reference(q, k, v, mask=mask,
+    causal=False)` with its two batched products (and their gradients) through oneDNN; the
+    masking and float32 softmax are the reference's. q [B, T, N, H], k and v [B, S, K, H], mask
+    bool [B, T, S]; returns [B, T, N, H] in q.dtype."""
+    from nemotron_jax.kernels.attention.reference import MASK_VALUE, check_shapes
+
+    g = check_shapes(q, k, v)
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    # Head-major as in the reference: [B*K, G*T, H] queries against [B*K, S, H] keys.
+    qh = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, h)
+    kh = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, h)
+    vh = v.transpose(0, 2, 1, 3).reshape(b * kv_heads, s, h).astype(q.dtype)
+    scores = _scores(qh, kh.astype(q.dtype)).reshape(b, kv_heads, g, t, s) * (1.0 / math.sqrt(h))
+    allowed = mask.astype(bool)[:, None, None]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, MASK_VALUE), axis=-1)
+    probs = jnp.where(allowed, probs, 0.0).astype(q.dtype).reshape(b * kv_heads, g * t, s)
+    out = _weighted_values(probs, vh).reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, n, h).astype(q.dtype)

@@ -2,6 +2,8 @@
 //
 //   c[M, N] = op(a) @ op(b),  op(a) [M, K], op(b) [K, N],  op = identity or transpose
 //
+// or the same for each index of a shared leading batch axis (a, b, c all rank 3).
+//
 // a and b share one dtype (f32 or bf16); c is f32 or bf16; accumulation is always f32.
 // Transposed operands are described to oneDNN by their strides, so nothing is copied. oneDNN
 // picks the kernel for the machine (AMX or AVX-512 bf16 on recent Xeons).
@@ -27,8 +29,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using dt = dnnl::memory::data_type;
-// M, K, N, transpose_a, transpose_b, dtype in, dtype out
-using Key = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int>;
+// batch, M, K, N, transpose_a, transpose_b, dtype in, dtype out
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, bool, bool, int, int>;
 
 struct State {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
@@ -54,22 +56,26 @@ struct Problem {
   const char* a;  // bytes
   const char* b;
   char* c;
-  int64_t m, k, n;
+  int64_t batch, m, k, n;
   bool ta, tb;
   dt in, out;
 };
 
 void Run(const Problem& p) {
   using dims = dnnl::memory::dims;
-  // op(a)[r, j] is a[r, j] (strides K, 1), or a[j, r] (strides 1, M) when transposed; the same
-  // for op(b) with N in place of M.
-  dnnl::memory::desc a_md(dims{p.m, p.k}, p.in, p.ta ? dims{1, p.m} : dims{p.k, 1});
-  dnnl::memory::desc b_md(dims{p.k, p.n}, p.in, p.tb ? dims{1, p.k} : dims{p.n, 1});
-  dnnl::memory::desc c_md(dims{p.m, p.n}, p.out, dims{p.n, 1});
+  // op(a)[z, r, j] is a[z, r, j] (strides MK, K, 1), or a[z, j, r] (strides MK, 1, M) when
+  // transposed; the same for op(b) with N in place of M.
+  const int64_t mk = p.m * p.k, kn = p.k * p.n, mn = p.m * p.n;
+  dnnl::memory::desc a_md(dims{p.batch, p.m, p.k}, p.in,
+                          p.ta ? dims{mk, 1, p.m} : dims{mk, p.k, 1});
+  dnnl::memory::desc b_md(dims{p.batch, p.k, p.n}, p.in,
+                          p.tb ? dims{kn, 1, p.k} : dims{kn, p.n, 1});
+  dnnl::memory::desc c_md(dims{p.batch, p.m, p.n}, p.out, dims{mn, p.n, 1});
   State& s = state();
   dnnl::matmul primitive;
   {
-    const Key key{p.m, p.k, p.n, p.ta, p.tb, static_cast<int>(p.in), static_cast<int>(p.out)};
+    const Key key{p.batch, p.m, p.k, p.n, p.ta, p.tb, static_cast<int>(p.in),
+                  static_cast<int>(p.out)};
     std::lock_guard<std::mutex> lock(s.mu);
     auto it = s.primitives.find(key);
     if (it == s.primitives.end()) {
@@ -90,12 +96,18 @@ void Run(const Problem& p) {
 ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
                   ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
-    return ffi::Error::InvalidArgument("onednn matmul: operands must be 2-D");
+  const size_t rank = ad.size();
+  if ((rank != 2 && rank != 3) || bd.size() != rank || cd.size() != rank) {
+    return ffi::Error::InvalidArgument("onednn matmul: operands must all be 2-D or all 3-D");
   }
-  const int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
-  const int64_t kb = transpose_b ? bd[1] : bd[0], n = transpose_b ? bd[0] : bd[1];
-  if (k != kb || cd[0] != m || cd[1] != n) {
+  const size_t r = rank - 2;  // the matrix axes are r, r + 1
+  const int64_t batch = rank == 3 ? ad[0] : 1;
+  if (rank == 3 && (bd[0] != batch || cd[0] != batch)) {
+    return ffi::Error::InvalidArgument("onednn matmul: batch sizes differ");
+  }
+  const int64_t m = transpose_a ? ad[r + 1] : ad[r], k = transpose_a ? ad[r] : ad[r + 1];
+  const int64_t kb = transpose_b ? bd[r + 1] : bd[r], n = transpose_b ? bd[r] : bd[r + 1];
+  if (k != kb || cd[r] != m || cd[r + 1] != n) {
     return ffi::Error::InvalidArgument("onednn matmul: shapes do not agree");
   }
   dt in_a, in_b, out;
@@ -104,7 +116,7 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error::InvalidArgument(
         "onednn matmul: operands must both be f32 or both bf16, and the result f32 or bf16");
   }
-  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
     std::memset(c->untyped_data(), 0, c->size_bytes());
     return ffi::Error::Success();
@@ -112,8 +124,8 @@ ffi::Error Matmul(ffi::AnyBuffer a, ffi::AnyBuffer b,
   try {
     Run(Problem{static_cast<const char*>(a.untyped_data()),
                 static_cast<const char*>(b.untyped_data()),
-                static_cast<char*>(c->untyped_data()), m, k, n, transpose_a, transpose_b, in_a,
-                out});
+                static_cast<char*>(c->untyped_data()), batch, m, k, n, transpose_a, transpose_b,
+                in_a, out});
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn matmul: ") + e.what());
   }
