@@ -74,6 +74,10 @@ class LlamaConfig:
     # accumulate in float32; RMSNorm statistics, softmax and logits are float32.
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # dtype of the [B, T, V] logits. float32 (default) is what losses and log-probs need; an
+    # inference-only run may ask for the compute dtype, which HF's bf16 models return and which
+    # halves the largest activation.
+    logits_dtype: str = "float32"
     # Activation rematerialisation per layer: "none", "full" (save nothing) or "dots".
     remat: str = "none"
     # Layers per iteration of the layer `nn.scan` (`unroll`); more lets XLA schedule across
@@ -88,7 +92,7 @@ class LlamaConfig:
     matmul_impl: str = "xla"
 
     def __post_init__(self):
-        for field in ("dtype", "param_dtype"):
+        for field in ("dtype", "param_dtype", "logits_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ConfigError(
                     f"unsupported {field} {getattr(self, field)!r}; choose from {list(DTYPES)}"
@@ -461,18 +465,18 @@ def _matmul_bwd(dtype, impl, residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@jax.custom_vjp
-def _logits_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
-    """h [Z, D] @ w [D, V] -> float32 [Z, V] through oneDNN (inputs already in the compute
-    dtype); gradients in the input dtypes."""
-    return _product(h, w, jnp.float32, "onednn")
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_matmul(h: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """h [Z, D] @ w [D, V] -> [Z, V] in out_dtype through oneDNN (inputs already in the compute
+    dtype, float32 accumulation); gradients in the input dtypes."""
+    return _product(h, w, out_dtype, "onednn")
 
 
-def _logits_matmul_fwd(h, w):
-    return _product(h, w, jnp.float32, "onednn"), (h, w)
+def _logits_matmul_fwd(h, w, out_dtype):
+    return _product(h, w, out_dtype, "onednn"), (h, w)
 
 
-def _logits_matmul_bwd(residuals, g):
+def _logits_matmul_bwd(out_dtype, residuals, g):
     h, w = residuals
     g = g.astype(h.dtype)
     dh = _product(g, w, h.dtype, "onednn", transpose_b=True)
@@ -693,7 +697,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """The decoder plus LM head. `__call__` returns float32 logits [B, T, V].
+    """The decoder plus LM head. `__call__` returns logits [B, T, V] (in `logits_dtype`).
 
     Args of `__call__` / `hidden_states`:
         tokens: int [B, T].
@@ -795,7 +799,7 @@ class Llama(nn.Module):
                 left-padded prefill needs.
 
         Returns:
-            (float32 logits [B, T, V] (or [B, 1, V]), the updated cache, index advanced by T).
+            (logits [B, T, V] or [B, 1, V] in logits_dtype, the updated cache, index + T).
         """
         cfg = self.config
         if tokens.ndim != 2:
@@ -846,18 +850,19 @@ class Llama(nn.Module):
         return self.lm_head
 
     def logits(self, hidden):
-        """float32 logits [B, T, V] from final hidden states [B, T, D]."""
+        """Logits [B, T, V] in `logits_dtype` (float32 by default) from final hidden states
+        [B, T, D]; float32 accumulation either way."""
         cfg = self.config
-        dtype = DTYPES[cfg.dtype]
+        dtype, out_dtype = DTYPES[cfg.dtype], DTYPES[cfg.logits_dtype]
         w = self.lm_head_matrix().astype(dtype)
         if cfg.matmul_impl == "onednn":
             b, t, _ = hidden.shape
-            flat = _logits_matmul(hidden.reshape(b * t, -1).astype(dtype), w)
+            flat = _logits_matmul(hidden.reshape(b * t, -1).astype(dtype), w, out_dtype)
             logits = flat.reshape(b, t, -1)
         else:
             logits = jnp.einsum(
                 "BTD,DV->BTV", hidden.astype(dtype), w, preferred_element_type=jnp.float32
-            )
+            ).astype(out_dtype)
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 

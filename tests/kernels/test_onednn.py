@@ -173,3 +173,14 @@ def test_attention_matches_reference(dtype):
     assert _rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) <= tol
     for a, e in zip(g_got, g_want, strict=True):
         assert _rel_err(a, e) <= grad_tol
+
+
+def test_bf16_logits_through_onednn():
+    """logits_dtype="bfloat16" with oneDNN: a bf16-output product, one bf16 ulp from XLA's."""
+    config = _tiny(dtype="bfloat16", logits_dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 11), 0, config.vocab_size)
+    want = Llama(config).apply({"params": params}, tokens)
+    got = Llama(config.replace(matmul_impl="onednn")).apply({"params": params}, tokens)
+    assert got.dtype == jnp.bfloat16
+    assert _rel_err(got, want) <= tolerances.BF16

@@ -259,3 +259,13 @@ def test_rmsnorm_scale_gradient_is_the_column_sum(dtype):
         assert a.dtype == e.dtype
         a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
         assert np.abs(a - e).max() / max(1.0, np.abs(e).max()) <= tol
+
+
+def test_logits_dtype_rounds_the_float32_logits(tiny):
+    """logits_dtype="bfloat16" gives the float32 logits rounded to bf16 (same accumulation)."""
+    config, params = tiny
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (2, 9), 0, config.vocab_size)
+    want = Llama(config).apply({"params": params}, tokens)
+    got = Llama(config.replace(logits_dtype="bfloat16")).apply({"params": params}, tokens)
+    assert want.dtype == jnp.float32 and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))

@@ -3,7 +3,7 @@
 XLA:CPU sends dots to its own back-ends (YNNPACK, Eigen). On recent Xeons oneDNN's matmul
 primitive (the library PyTorch uses) is faster in bfloat16: on the 2-core development machine
 (AMX), [2048, 512] x [512, 1536] runs at 1.9-2.2 TFLOP/s against 1.3-1.7 for XLA, and a
-bfloat16 reward-model training step takes about 20% less time. In float32 the two are level
+bfloat16 reward-model training step takes about 25% less time. In float32 the two are level
 (about 320 GFLOP/s). Figures: docs/benchmarks.md.
 
 `matmul(a, b, out_dtype=...)` is an XLA FFI custom call into a small C++ handler
