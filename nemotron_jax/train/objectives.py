@@ -35,8 +35,17 @@ from nemotron_jax.models.reward import RewardModel
 REWARD_OBJECTIVES = ("regression", "regular_bt", "margin_bt", "scaled_bt")
 OBJECTIVES = REWARD_OBJECTIVES + ("sft", "reinforce")
 BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
-# Fields that may differ between an init checkpoint and the run (they do not change shapes).
-NUMERIC_FIELDS = {"dtype", "param_dtype", "remat", "scan_unroll"}
+# Fields that may differ between an init checkpoint and the run: numerics and implementation
+# choices, none of which changes a parameter.
+NUMERIC_FIELDS = {
+    "dtype",
+    "param_dtype",
+    "logits_dtype",
+    "remat",
+    "scan_unroll",
+    "attention_impl",
+    "matmul_impl",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,3 +184,18 @@ def test_bf16_logits_through_onednn():
     got = Llama(config.replace(matmul_impl="onednn")).apply({"params": params}, tokens)
     assert got.dtype == jnp.bfloat16
     assert _rel_err(got, want) <= tolerances.BF16
+
+
+def test_checkpoint_from_xla_run_accepted_with_onednn(tmp_path):
+    """matmul_impl / logits_dtype change no parameter: a checkpoint recorded with the defaults
+    passes the architecture check of a run that sets them."""
+    from nemotron_jax import checkpoint as params_ckpt
+    from nemotron_jax.train.objectives import check_model_config
+
+    config = _tiny()
+    params_ckpt.save_params(str(tmp_path / "p"), init_params(config, jax.random.PRNGKey(0)),
+                            metadata={"model_config": config.to_dict()})  # fmt: skip
+    other = config.replace(matmul_impl="onednn", logits_dtype="bfloat16", dtype="bfloat16")
+    check_model_config(str(tmp_path / "p"), other, "init_from")
+    with pytest.raises(ConfigError, match="num_layers"):
+        check_model_config(str(tmp_path / "p"), other.replace(num_layers=3), "init_from")
