@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from pathlib import Path
 
@@ -62,3 +63,32 @@ def available_matmul_impls(impls: list[str]) -> list[str]:
         print("oneDNN matmul unavailable (pip install 'nemotron_jax[onednn]'): xla rows only")
         return [i for i in impls if i != "onednn"]
     return impls
+
+
+def section_head(title: str, load: str) -> str:
+    """The opening of an appended section: "## title, <date -u>", the machine (with the load
+    average at start) and the jax / torch / transformers versions."""
+    import jax
+    import torch
+    import transformers
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%a %b %e %H:%M:%S UTC %Y")
+    versions = (
+        f"jax {jax.__version__}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; torch threads {torch.get_num_threads()}"
+    )
+    heading = f"{title}, {stamp}" if title else stamp
+    return f"\n## {heading}\n\n- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
+
+
+def model_fields(a: argparse.Namespace) -> dict:
+    """LlamaConfig fields from the `add_model_args` flags."""
+    return dict(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_layers=a.layers,
+        num_heads=a.heads,
+        num_kv_heads=a.kv_heads,
+        head_dim=a.head_dim,
+    )

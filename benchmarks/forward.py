@@ -13,7 +13,6 @@ OpenMP pool slows down far more than XLA's when another process takes a core.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import statistics
@@ -31,6 +30,7 @@ from common import (  # benchmarks/common.py
     append_section,
     available_matmul_impls,
     machine,
+    section_head,
 )
 
 from nemotron_jax.convert import load_hf
@@ -179,16 +179,7 @@ def main() -> None:
     print(f"\n{shape}\n\n{table}\n\n{sanity}")
 
     if args.append is not None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime(
-            "%a %b %e %H:%M:%S UTC %Y"
-        )  # as `date -u`
-        versions = (
-            f"jax {jax.__version__}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}; torch threads {torch.get_num_threads()}"
-        )
-        section = f"\n## {stamp}\n\n- Machine: {machine()}; {load} at start\n"
-        section += f"- Versions: {versions}\n"
-        section += f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
+        section = section_head("", load) + f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
         append_section(args.append, section)
 
 

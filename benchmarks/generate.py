@@ -22,7 +22,6 @@ docs/benchmarks.md unless `--no-append`. Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import tempfile
@@ -33,7 +32,14 @@ import jax
 import numpy as np
 import torch
 import transformers
-from common import add_model_args, add_output_args, append_section, machine  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    add_model_args,
+    add_output_args,
+    append_section,
+    machine,
+    model_fields,
+    section_head,
+)
 
 from nemotron_jax.convert.hf_llama import save_hf
 from nemotron_jax.models.llama import Llama, LlamaConfig, init_params
@@ -64,13 +70,7 @@ def make_config(name: str, a: argparse.Namespace) -> LlamaConfig:
     if name != "custom":
         return LlamaConfig.preset(name)
     return LlamaConfig(
-        vocab_size=a.vocab,
-        hidden_size=a.hidden,
-        intermediate_size=a.intermediate,
-        num_layers=a.layers,
-        num_heads=a.heads,
-        num_kv_heads=a.kv_heads,
-        head_dim=a.head_dim,
+        **model_fields(a),
         max_position_embeddings=131072,
         bos_token_id=1,
         eos_token_id=(2,),
@@ -214,16 +214,8 @@ def main() -> None:
     configs = "\n".join(f"- {n}" for n in notes)
     print(f"\n{shape}\n{configs}\n\n{table}")
     if args.append is not None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%a %b %e %H:%M:%S UTC %Y")
-        versions = (
-            f"jax {jax.__version__}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}; torch threads {torch.get_num_threads()}"
-        )
-        section = (
-            f"\n## Generation with a KV cache (`benchmarks/generate.py`), {stamp}\n\n"
-            f"- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
-            f"- Run: {shape}\n{configs}\n\n{table}\n"
-        )
+        section = section_head("Generation with a KV cache (`benchmarks/generate.py`)", load)
+        section += f"- Run: {shape}\n{configs}\n\n{table}\n"
         append_section(args.append, section)
 
 

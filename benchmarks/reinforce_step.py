@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-from common import add_model_args, add_output_args, append_section, machine  # noqa: E402  (benchmarks/common.py)
+from common import (  # noqa: E402  (benchmarks/common.py)
+    add_model_args,
+    add_output_args,
+    append_section,
+    machine,
+    model_fields,
+)
 
 from experiments.configs import reinforce  # noqa: E402
 from nemotron_jax import checkpoint  # noqa: E402
@@ -61,15 +67,7 @@ def parse_args() -> argparse.Namespace:
 def overrides(a: argparse.Namespace) -> dict:
     if a.tiny:
         return {}
-    return dict(
-        hidden_size=a.hidden,
-        num_layers=a.layers,
-        num_heads=a.heads,
-        num_kv_heads=a.kv_heads,
-        head_dim=a.head_dim,
-        intermediate_size=a.intermediate,
-        vocab_size=a.vocab,
-    )
+    return model_fields(a)
 
 
 def write_models(config, root: Path) -> tuple[str, str]:

@@ -18,7 +18,6 @@ docs/benchmarks.md unless `--no-append`. Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import statistics
@@ -38,6 +37,7 @@ from common import (  # benchmarks/common.py
     append_section,
     available_matmul_impls,
     machine,
+    section_head,
 )
 
 from nemotron_jax.convert import load_hf
@@ -238,16 +238,8 @@ def main() -> None:
     )
     print(f"\n{shape}\n\n{table}\n\n{sanity}")
     if args.append is not None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%a %b %e %H:%M:%S UTC %Y")
-        versions = (
-            f"jax {jax.__version__}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}; torch threads {torch.get_num_threads()}"
-        )
-        section = (
-            f"\n## Reward-model train step (`benchmarks/reward_step.py`), {stamp}\n\n"
-            f"- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
-            f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
-        )
+        section = section_head("Reward-model train step (`benchmarks/reward_step.py`)", load)
+        section += f"- Config: {shape}\n\n{table}\n\n{sanity}\n"
         append_section(args.append, section)
 
 

@@ -428,9 +428,10 @@ def _product(a, b, out_dtype, impl, transpose_a=False, transpose_b=False):
     return y.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.Array:
-    """x [Z, C] @ w [C, R] -> [Z, R]: inputs cast to `dtype`, float32 accumulation, cast back.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(x: jax.Array, w: jax.Array, dtype, impl: str = "xla", out_dtype=None) -> jax.Array:
+    """x [Z, C] @ w [C, R] -> [Z, R]: inputs cast to `dtype`, float32 accumulation, result in
+    `out_dtype` (default `dtype`).
 
     The custom gradient keeps the backward's two products in `dtype` as well (JAX's own
     transpose would feed them a float32 cotangent). With impl "xla" and a 16-bit dtype it saves x
@@ -438,22 +439,22 @@ def _matmul(x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.Array:
     which XLA:CPU runs in bf16 instead of upcasting a transposed operand; oneDNN reads transposed
     operands in place.
     """
-    return _product(x.astype(dtype), w.astype(dtype), dtype, impl)
+    return _product(x.astype(dtype), w.astype(dtype), out_dtype or dtype, impl)
 
 
 def _save_transposed(dtype, impl) -> bool:
     return impl == "xla" and jnp.dtype(dtype) != jnp.float32
 
 
-def _matmul_fwd(x, w, dtype, impl):
+def _matmul_fwd(x, w, dtype, impl, out_dtype):
     xc, wc = x.astype(dtype), w.astype(dtype)
-    y = _product(xc, wc, dtype, impl)
+    y = _product(xc, wc, out_dtype or dtype, impl)
     saved_x = xc.T if _save_transposed(dtype, impl) else xc
     # Zero-size arrays carry the input dtypes (residuals must be arrays).
     return y, (saved_x, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
-def _matmul_bwd(dtype, impl, residuals, g):
+def _matmul_bwd(dtype, impl, out_dtype, residuals, g):
     saved_x, wc, x_proto, w_proto = residuals
     g = g.astype(dtype)
     # dx = g w^T, a contraction over R, so that no transpose of w is materialised.
@@ -463,28 +464,6 @@ def _matmul_bwd(dtype, impl, residuals, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits_matmul(h: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
-    """h [Z, D] @ w [D, V] -> [Z, V] in out_dtype through oneDNN (inputs already in the compute
-    dtype, float32 accumulation); gradients in the input dtypes."""
-    return _product(h, w, out_dtype, "onednn")
-
-
-def _logits_matmul_fwd(h, w, out_dtype):
-    return _product(h, w, out_dtype, "onednn"), (h, w)
-
-
-def _logits_matmul_bwd(out_dtype, residuals, g):
-    h, w = residuals
-    g = g.astype(h.dtype)
-    dh = _product(g, w, h.dtype, "onednn", transpose_b=True)
-    dw = _product(h, g, w.dtype, "onednn", transpose_a=True)
-    return dh, dw
-
-
-_logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
 
 
 def _dot(eq: str, x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.Array:
@@ -857,7 +836,7 @@ class Llama(nn.Module):
         w = self.lm_head_matrix().astype(dtype)
         if cfg.matmul_impl == "onednn":
             b, t, _ = hidden.shape
-            flat = _logits_matmul(hidden.reshape(b * t, -1).astype(dtype), w, out_dtype)
+            flat = _matmul(hidden.reshape(b * t, -1), w, dtype, "onednn", out_dtype)
             logits = flat.reshape(b, t, -1)
         else:
             logits = jnp.einsum(
