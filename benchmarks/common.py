@@ -8,6 +8,23 @@ import os
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+_HOST: dict[str, str] = {}  # what nemotron_jax.runtime.configure_cpu did, for section headers
+
+
+def configure_host() -> None:
+    """Applies `nemotron_jax.runtime.configure_cpu()` as the project's entry points do; call it
+    first in main(). Its settings are process-wide, so torch is timed under them too (they do
+    not slow it). NEMOTRON_JAX_CPU_TUNING=0 times both frameworks without them."""
+    from nemotron_jax import runtime
+
+    _HOST.update(runtime.configure_cpu())
+    print(f"host settings: {host_settings()}")
+
+
+def host_settings() -> str:
+    from nemotron_jax import runtime
+
+    return runtime.describe(_HOST) if _HOST else "not configured"
 
 
 def machine() -> str:
@@ -78,7 +95,11 @@ def section_head(title: str, load: str) -> str:
         f"{transformers.__version__}; torch threads {torch.get_num_threads()}"
     )
     heading = f"{title}, {stamp}" if title else stamp
-    return f"\n## {heading}\n\n- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
+    host = host_settings()
+    return (
+        f"\n## {heading}\n\n- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
+        f"- Host settings (nemotron_jax.runtime.configure_cpu): {host}\n"
+    )
 
 
 def model_fields(a: argparse.Namespace) -> dict:

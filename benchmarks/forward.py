@@ -29,6 +29,7 @@ from common import (  # benchmarks/common.py
     add_output_args,
     append_section,
     available_matmul_impls,
+    configure_host,
     machine,
     section_head,
 )
@@ -113,6 +114,7 @@ def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dty
 
 def main() -> None:
     args = parse_args()
+    configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -36,6 +36,7 @@ from common import (  # benchmarks/common.py
     add_model_args,
     add_output_args,
     append_section,
+    configure_host,
     machine,
     model_fields,
     section_head,
@@ -167,6 +168,7 @@ def bench(name: str, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args()
+    configure_host()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())

@@ -31,6 +31,8 @@ from common import (  # noqa: E402  (benchmarks/common.py)
     add_model_args,
     add_output_args,
     append_section,
+    configure_host,
+    host_settings,
     machine,
     model_fields,
 )
@@ -96,6 +98,7 @@ def write_models(config, root: Path) -> tuple[str, str]:
 
 def main() -> None:
     a = parse_args()
+    configure_host()
     jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -143,6 +146,7 @@ def main() -> None:
     section = f"""## REINFORCE step breakdown ({datetime.date.today().isoformat()})
 
 Machine: {machine()}; jax {jax.__version__}, float32, {os.cpu_count()} threads.
+Host settings: {host_settings()}.
 Model: {model}. P = {a.prompts} prompts x K = {a.k} samples, {a.max_new} new tokens, prompts of
 up to {config.rl.max_prompt_len} tokens, {n_seq // a.minibatch} updates of {a.minibatch}
 sequences per step; median of {len(rows)} steps after the first.

@@ -36,6 +36,7 @@ from common import (  # benchmarks/common.py
     add_output_args,
     append_section,
     available_matmul_impls,
+    configure_host,
     machine,
     section_head,
 )
@@ -168,6 +169,7 @@ def bench(seqcls, config, params, batch, torch_batch, dtype, args):
 
 def main() -> None:
     args = parse_args()
+    configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -31,6 +31,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    from nemotron_jax import runtime
+
+    runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
     from nemotron_jax.train import run_experiment
 
     config, workdir = _CONFIG.value, _WORKDIR.value
