@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -43,8 +45,11 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from experiments.configs import reinforce, rm_bt, sft
+from nemotron_jax import runtime
 from nemotron_jax.metrics import read_metrics
 from nemotron_jax.train import run_experiment
+
+runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
 
 os.chdir(REPO)  # relative paths (workdirs, the synthetic-data cache) are the repository's
 SMOKE = os.environ.get("NOTEBOOK_SMOKE") == "1"
