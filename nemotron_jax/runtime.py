@@ -8,7 +8,7 @@ often hundreds of MB) and frees it when the execution ends. With JAX's asynchron
 that happens on a worker thread, whose glibc arena cannot hold a block over 64 MB, so glibc maps
 fresh pages from the kernel for it and unmaps them afterwards: every step then faults on every
 page it touches. Measured on a 2-core VM, the bf16 reward step of benchmarks/reward_step.py took
-about 202,000 faults (800 MB) and a quarter of its time there. Two settings remove them:
+about 202,000 faults (800 MB) and a fifth of its time there. Two settings remove them:
 
 1. `jax_cpu_enable_async_dispatch=False`: single-device computations run on the calling thread,
    whose allocations come from glibc's main arena. Multi-device computations stay asynchronous
