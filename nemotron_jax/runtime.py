@@ -44,21 +44,31 @@ def _glibc():
         return None
 
 
+def _backends_started() -> bool:
+    """Whether JAX has created its clients (after which dispatch settings no longer apply)."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized  # private: may move
+    except ImportError:
+        return False  # then the flag is set regardless; it is harmless if too late
+    return backends_are_initialized()
+
+
 def configure_cpu(enabled: bool | None = None) -> dict[str, str]:
     """Applies the settings above; returns what each one did (for logs and benchmark headers).
 
     enabled=None reads NEMOTRON_JAX_CPU_TUNING (default on; "0" turns it off).
     """
     import jax
-    from jax._src import xla_bridge
 
     if enabled is None:
         enabled = os.environ.get("NEMOTRON_JAX_CPU_TUNING", "1") != "0"
     if not enabled:
         return {"cpu_tuning": "off"}
     done = {}
-    if xla_bridge.backends_are_initialized():
+    if _backends_started():
         done["async_dispatch"] = "unchanged: JAX's CPU client already exists"
+    elif "jax_cpu_enable_async_dispatch" not in jax.config.values:
+        done["async_dispatch"] = f"unchanged: jax {jax.__version__} has no such flag"
     else:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
         done["async_dispatch"] = "off"
