@@ -95,10 +95,9 @@ def section_head(title: str, load: str) -> str:
         f"{transformers.__version__}; torch threads {torch.get_num_threads()}"
     )
     heading = f"{title}, {stamp}" if title else stamp
-    host = host_settings()
     return (
         f"\n## {heading}\n\n- Machine: {machine()}; {load} at start\n- Versions: {versions}\n"
-        f"- Host settings (nemotron_jax.runtime.configure_cpu): {host}\n"
+        f"- Host settings (nemotron_jax.runtime.configure_cpu): {host_settings()}\n"
     )
 
 

@@ -100,8 +100,9 @@ def bench_torch(model, tokens, mask, dtype, args):
 
 
 def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dtype):
-    config = config.replace(dtype=dtype, param_dtype=dtype, matmul_impl=matmul_impl)
-    config = config.replace(logits_dtype=logits_dtype)
+    config = config.replace(
+        dtype=dtype, param_dtype=dtype, matmul_impl=matmul_impl, logits_dtype=logits_dtype
+    )
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     fwd = jax.jit(lambda p, t, m: Llama(config).apply({"params": p}, t, attention_mask=m))
     tok, am = jnp.asarray(tokens), jnp.asarray(mask)

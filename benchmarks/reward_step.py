@@ -123,8 +123,9 @@ def torch_step_fn(model, pairs: int, autocast: bool):
 def jax_step_fn(config, params, dtype: str, matmul_impl: str):
     # Layers fully unrolled (in a training config: model.overrides.scan_unroll): at 4 small
     # layers on CPU this is ~10% faster than the rolled scan (unroll 2 gains nothing).
-    config = config.replace(dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers)
-    config = config.replace(matmul_impl=matmul_impl)
+    config = config.replace(
+        dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers, matmul_impl=matmul_impl
+    )
     model = RewardModel(config)
     apply = lambda p, b: model.apply({"params": p}, b["tokens"], attention_mask=b["attention_mask"])
     optim = {**OPTIM, "warmup_steps": 0, "schedule": "constant", "min_lr": 0.0}

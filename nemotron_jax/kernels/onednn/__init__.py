@@ -12,8 +12,8 @@ jaxlib's FFI headers and oneDNN from the `onednn` extra (`pip install 'nemotron_
 then cached under `~/.cache/nemotron_jax` (or `$NEMOTRON_JAX_CACHE`). `$NEMOTRON_ONEDNN_ROOT`
 points at another oneDNN install (a prefix with `include/` and `lib/`).
 
-Single-device CPU only: the custom call has no partitioning rule, so the model refuses it on a
-mesh of more than one device (see `nemotron_jax.sharding.check_matmul_impl`).
+Single-device CPU only: the custom call has no partitioning rule, so the training loop refuses
+it on a mesh of more than one device (`nemotron_jax.train.loop.validate`).
 """
 
 from __future__ import annotations
