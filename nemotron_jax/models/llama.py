@@ -35,7 +35,7 @@ from nemotron_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_interpret")
+ATTENTION_IMPLS = ("auto", "xla", "cpu", "cudnn", "pallas", "pallas_interpret")
 MATMUL_IMPLS = ("xla", "onednn")
 REMAT_POLICIES = {
     "none": None,
@@ -84,7 +84,8 @@ class LlamaConfig:
     # layers at the cost of compile time. Changes no parameter.
     scan_unroll: int = 1
     # nemotron_jax.kernels.attention implementation: "auto" picks cuDNN on GPUs for bf16/fp16
-    # compute and plain XLA otherwise; or "xla", "cudnn", "pallas", "pallas_interpret".
+    # compute and plain XLA otherwise; or "xla", "cpu" (a fused float32 CPU kernel: faster
+    # forwards, gradients recomputed with XLA), "cudnn", "pallas", "pallas_interpret".
     attention_impl: str = "auto"
     # Projection and LM-head products: "xla" (any backend, any mesh) or "onednn", oneDNN's CPU
     # matmul through an XLA FFI call (nemotron_jax.kernels.onednn; one CPU device, the onednn
@@ -109,6 +110,9 @@ class LlamaConfig:
             raise ConfigError(
                 f"unknown matmul_impl {self.matmul_impl!r}; choose from {MATMUL_IMPLS}"
             )
+        if self.attention_impl == "cpu" and self.dtype != "float32":
+            raise ConfigError(f"attention_impl 'cpu' computes in float32, not dtype {self.dtype!r}; "
+                              f"use 'auto' or 'xla'")  # fmt: skip
         if self.matmul_impl == "onednn" and self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"matmul_impl 'onednn' computes in float32 or bfloat16, not dtype "
                               f"{self.dtype!r}")  # fmt: skip
@@ -396,6 +400,17 @@ def _fused_attention(q, k, v, segment_ids, impl):
     return kernel_attention(q, k, v, segment_ids=segment_ids, causal=True, implementation=impl)
 
 
+def _cpu_attention(q, k, v, mask, index_causal):
+    """The fused CPU kernel (`kernels/attention/cpu.py`); per shard under a mesh. The [B, T, S]
+    mask already holds causality by position; `causal=index_causal` lets the kernel skip the keys
+    after each query when positions are indices (as `block_causal_attention` does)."""
+    mesh = sharding.active_mesh()
+    kwargs = dict(mask=mask, causal=index_causal, implementation="cpu")
+    if mesh is not None:
+        return attention_sharded(q, k, v, mesh=mesh, **kwargs)
+    return kernel_attention(q, k, v, **kwargs)
+
+
 def resolve_attention_impl(config: LlamaConfig) -> str:
     """The attention implementation for this config on the default backend."""
     if config.attention_impl != "auto":
@@ -621,7 +636,9 @@ class Attention(nn.Module):
         attend = _xla_attention
         if cfg.matmul_impl == "onednn" and cfg.dtype != "float32":
             attend = _onednn_attention
-        if impl == "xla" and index_causal:
+        if impl == "cpu":
+            out = _cpu_attention(q, key, value.astype(dtype), mask, index_causal)
+        elif impl == "xla" and index_causal:
             out = block_causal_attention(q, key, value.astype(dtype), mask, attend=attend)
         elif impl == "xla":  # the [B, T, S] mask already carries causality by position
             out = attend(q, key, value.astype(dtype), mask)
@@ -733,7 +750,8 @@ class Llama(nn.Module):
         `real_rows_only=True` declares that only the rows of real tokens will be read and that
         `positions` increase along every row's real tokens (as `positions_from_mask` gives); the
         mask is then causal by index for every real query, as it always is for default positions,
-        and the XLA attention skips the blocks above the diagonal (`block_causal_attention`).
+        and the XLA attention skips the blocks above the diagonal (`block_causal_attention`), the
+        "cpu" kernel the keys after each query.
         Rows of padding queries may then differ from the plain attention's (they never feed a
         real row: padding keys are masked).
         """

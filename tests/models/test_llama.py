@@ -162,6 +162,33 @@ def test_pallas_attention_in_the_model_matches_xla(tiny):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
 
 
+def test_cpu_attention_in_the_model_matches_xla(tiny):
+    """attention_impl="cpu": logits and every parameter gradient equal the XLA path's, with a
+    right-padded row (default positions: the kernel skips keys by index)."""
+    cfg, params = tiny
+    tokens = np.random.default_rng(4).integers(4, cfg.vocab_size, (2, 20))
+    mask = (np.arange(20)[None] < np.array([[20], [13]])).astype(np.int32)
+    real = mask.astype(bool)
+
+    def loss(p, impl):
+        logits = Llama(cfg.replace(attention_impl=impl)).apply(
+            {"params": p}, tokens, attention_mask=mask
+        )
+        return jnp.sum(real[:, :, None] * jnp.sin(logits)), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    (_, got), g_got = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, "cpu"
+    )
+    scale = max(1.0, float(jnp.max(jnp.abs(want[real]))))
+    np.testing.assert_allclose(got[real], want[real], atol=tolerances.ATTENTION_F32 * scale)
+    for a, e in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(e))))
+        np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32 * scale)
+    with pytest.raises(ConfigError, match="attention_impl 'cpu' computes in float32"):
+        cfg.replace(attention_impl="cpu", dtype="bfloat16")
+
+
 def test_unknown_attention_impl():
     with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
         LlamaConfig.preset("tiny", attention_impl="flash")

@@ -21,14 +21,17 @@ CASES = [
     dict(num_kv_heads=2, rope="default"),
     dict(num_kv_heads=1),
     dict(num_kv_heads=2, rope="default", tie=True),
+    dict(num_kv_heads=2, attention_impl="cpu"),  # the fused CPU attention kernel
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_logits_match_transformers(case, tmp_path):
+    case = dict(case)
+    attention_impl = case.pop("attention_impl", "auto")
     model = make_hf_llama(**case)
     model.save_pretrained(tmp_path)
-    config, params = load_hf(tmp_path)
+    config, params = load_hf(tmp_path, attention_impl=attention_impl)
     assert config.num_kv_heads == case["num_kv_heads"]
     assert config.tie_word_embeddings == case.get("tie", False)
     assert config.rope_type == case.get("rope", "llama3")

@@ -8,6 +8,9 @@ Implementations:
     supported head_dim (JAX raises otherwise). Fully masked rows are zeroed after the call.
   * "pallas": the Triton flash-attention kernels in `pallas_gpu.py` (GPU only).
   * "pallas_interpret": the same kernels in the Pallas interpreter (CPU tests; slow).
+  * "cpu": `cpu.cpu_attention`, a fused float32 C++ kernel through XLA FFI (CPU backend only;
+    compiled on first use). Takes `mask` and `segment_ids` like "xla"; its gradient is the
+    reference's, recomputed.
 The Pallas paths support `segment_ids` but not an arbitrary `mask` (ValueError).
 """
 
@@ -22,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from nemotron_jax.kernels.attention import pallas_gpu, reference
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("xla", "cpu", "cudnn", "pallas", "pallas_interpret")
 
 
 def _cudnn_attention(q, k, v, *, segment_ids, mask, causal, sm_scale):
@@ -87,6 +90,12 @@ def attention(
         raise ValueError("pass at most one of segment_ids and mask")
     if implementation == "xla":
         return reference.attention_reference(
+            q, k, v, segment_ids=segment_ids, mask=mask, causal=causal, sm_scale=sm_scale
+        )
+    if implementation == "cpu":
+        from nemotron_jax.kernels.attention import cpu  # lazy: builds the handler on first use
+
+        return cpu.cpu_attention(
             q, k, v, segment_ids=segment_ids, mask=mask, causal=causal, sm_scale=sm_scale
         )
     reference.check_shapes(q, k, v)

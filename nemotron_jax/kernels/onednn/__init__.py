@@ -9,7 +9,7 @@ bfloat16 reward-model training step takes about 25% less time. In float32 the tw
 `matmul(a, b, out_dtype=...)` is an XLA FFI custom call into a small C++ handler
 (`matmul.cc`). The handler is compiled on first use with the system C++ compiler against
 jaxlib's FFI headers and oneDNN from the `onednn` extra (`pip install 'nemotron_jax[onednn]'`),
-then cached under `~/.cache/nemotron_jax` (or `$NEMOTRON_JAX_CACHE`). `$NEMOTRON_ONEDNN_ROOT`
+then cached (`nemotron_jax.kernels.ffi_build`). `$NEMOTRON_ONEDNN_ROOT`
 points at another oneDNN install (a prefix with `include/` and `lib/`).
 
 Single-device CPU only: the custom call has no partitioning rule, so the training loop refuses
@@ -20,25 +20,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import os
 import pathlib
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nemotron_jax.kernels.ffi_build import HandlerUnavailable, build_handler
 
 TARGET = "nemotron_onednn_matmul"
 _SOURCE = pathlib.Path(__file__).with_name("matmul.cc")
 _INSTALL_HINT = "install it with: pip install 'nemotron_jax[onednn]' (Linux x86_64)"
 
 
-class OnednnUnavailable(RuntimeError):
+class OnednnUnavailable(HandlerUnavailable):
     """oneDNN, a C++ compiler or the CPU backend is missing; the message says which."""
 
 
@@ -55,38 +53,18 @@ def _onednn_root() -> pathlib.Path:
 
 
 def _build(root: pathlib.Path) -> pathlib.Path:
-    """Compile matmul.cc once per (source, jaxlib, oneDNN) and return the shared library."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise OnednnUnavailable(
-            f"matmul_impl='onednn' compiles a small C++ handler on first use, but the compiler "
-            f"{compiler!r} ($CXX) was not found"
-        )
+    """Compile matmul.cc once per (source, jaxlib, oneDNN, CPU) and return the shared library."""
     libs = sorted(root.glob("lib/libdnnl.so*"))
-    stamp = _SOURCE.read_bytes() + jax.__version__.encode() + str(libs[-1].resolve()).encode()
-    digest = hashlib.sha256(stamp).hexdigest()[:16]
-    cache = pathlib.Path(
-        os.environ.get("NEMOTRON_JAX_CACHE", pathlib.Path.home() / ".cache" / "nemotron_jax")
-    )
-    out = cache / f"onednn_matmul_{digest}.so"
-    if out.exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [
-        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(_SOURCE),
-        "-isystem", jax.ffi.include_dir(), "-isystem", str(root / "include"),
-        "-L", str(root / "lib"), "-ldnnl", f"-Wl,-rpath,{root / 'lib'}", "-o", tmp,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode:
-        os.unlink(tmp)
-        raise OnednnUnavailable(
-            f"building {_SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}"
+    try:
+        return build_handler(
+            _SOURCE,
+            what="matmul_impl='onednn'",
+            flags=["-O2", "-isystem", str(root / "include")],
+            link=["-L", str(root / "lib"), "-ldnnl", f"-Wl,-rpath,{root / 'lib'}"],
+            stamp=str(libs[-1].resolve()).encode(),
         )
-    os.replace(tmp, out)  # atomic: a concurrent process sees the old state or the whole file
-    return out
+    except HandlerUnavailable as e:
+        raise OnednnUnavailable(str(e)) from None
 
 
 @functools.cache

@@ -1,0 +1,280 @@
+// XLA FFI handler: fused softmax attention on the CPU, float32 (attention implementation "cpu").
+//
+//   out[b, i, n, :] = sum_j p[j] v[b, j, n / G, :],   p = softmax_j(scale * q[b, i, n] . k[b, j, n / G])
+//
+// over the keys j that may be attended: mask[b, i, j] (when a mask is given) and, with `causal`,
+// j <= i. A row with no such key is 0. q [B, T, N, H], k and v [B, S, K, H] with N = K * G; the
+// head dim H is a multiple of 16 (the Python wrapper pads it). Semantics and masking rules are
+// those of nemotron_jax/kernels/attention/reference.py, the oracle this is tested against.
+//
+// Why it exists: XLA:CPU runs the reference as some 40 small thunks per layer (two batched
+// products, masking, the softmax's reductions, transposes). Here each (batch, kv head, block of
+// query positions) is one task that keeps its keys and values in cache and never writes the
+// [T, S] scores to memory. With `causal` the keys after the query are never touched.
+//
+// Layout of the work, per query position i and the G query heads of one kv head:
+//   1. scores for up to 4 heads x 64 keys at a time: 16 vector accumulators, the keys stored
+//      transposed ([H, S]) so every load is contiguous;
+//   2. max, exp and sum over the row (unnormalised probabilities stay in the score buffer);
+//   3. out = P V, 4 heads x 64 features of accumulators, scaled by 1 / sum at the end.
+// Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register, or pairs of AVX2
+// registers (the library is built with -march=native; nemotron_jax/kernels/ffi_build.py).
+//
+// Threads: tasks go to XLA's intra-op thread pool (the FFI ThreadPool context); the calling
+// thread takes tasks too, so the call finishes even if no pool thread is free.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int kKeyBlock = 64;    // keys per score block: 4 vectors
+constexpr int kRows = 4;         // query heads per block
+constexpr int kFeatBlock = 64;   // output features per P V pass: 4 vectors
+constexpr int64_t kChunk = 16;   // query positions per task
+
+inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void Store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf Splat(float x) { return vf{} + x; }
+
+// e^x for x <= 0, within about 2 float32 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+// parts so that n ln2 is exact), e^r by its Taylor series to r^7 (truncation < 3e-9 relative),
+// 2^n assembled in the exponent bits. Arguments below -87 give about 1e-38 instead of less;
+// masked keys are zeroed by the caller, never by this.
+inline vf Exp(vf x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  const vf magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * 1.44269504f + magic;
+  const vf n = t - magic;
+  const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vf p = Splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi two_n = ((vi)t - (vi)magic + 127) << 23;
+  return p * (vf)two_n;
+}
+
+inline float MaxOf(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline float SumOf(vf v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+struct Problem {
+  const float *q, *k, *v;
+  const bool* mask;  // [B, T, S], or nullptr: every key may be attended
+  float* out;
+  int64_t batch, t, s, heads, kv_heads, h, group, s_pad;
+  float scale;
+  bool causal;
+};
+
+// Per-thread buffers; kt and vv hold one (batch, kv head)'s keys (transposed) and values.
+struct Scratch {
+  std::vector<float> kt, vv, scores, allowed;
+  int64_t loaded = -1;  // which (batch * K + kv head) kt and vv hold
+  explicit Scratch(const Problem& p)
+      : kt(p.h * p.s_pad), vv(p.s_pad * p.h), scores(kRows * p.s_pad), allowed(p.s_pad) {}
+
+  void Load(const Problem& p, int64_t bk) {
+    if (bk == loaded) return;
+    loaded = bk;
+    const int64_t b = bk / p.kv_heads, kh = bk % p.kv_heads;
+    std::fill(kt.begin(), kt.end(), 0.0f);  // padding keys score 0 and are masked out
+    for (int64_t j = 0; j < p.s; ++j) {
+      const int64_t src = ((b * p.s + j) * p.kv_heads + kh) * p.h;
+      for (int64_t f = 0; f < p.h; ++f) kt[f * p.s_pad + j] = p.k[src + f];
+      std::memcpy(vv.data() + j * p.h, p.v + src, p.h * sizeof(float));
+    }
+  }
+};
+
+// The G query heads of kv head `kh` at query position i of batch row b.
+void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
+  const int64_t h = p.h, s_pad = p.s_pad;
+  const int64_t keys = p.causal ? std::min(i + 1, p.s) : p.s;  // keys past these are never read
+  const int64_t keys_pad = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  const bool* mask_row = p.mask ? p.mask + (b * p.t + i) * p.s : nullptr;
+  float* allowed = w.allowed.data();  // 1.0 where the key may be attended, else 0.0
+  bool any = false;
+  for (int64_t j = 0; j < keys_pad; ++j) {
+    const bool ok = j < keys && (mask_row == nullptr || mask_row[j]);
+    allowed[j] = ok ? 1.0f : 0.0f;
+    any |= ok;
+  }
+  for (int64_t r0 = 0; r0 < p.group; r0 += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, p.group - r0);
+    float* out = p.out + ((b * p.t + i) * p.heads + kh * p.group + r0) * h;
+    if (!any) {
+      std::fill(out, out + rows * h, 0.0f);
+      continue;
+    }
+    const float* q[kRows];  // rows past `rows` repeat the last one; their results are dropped
+    for (int r = 0; r < kRows; ++r) {
+      q[r] = p.q + ((b * p.t + i) * p.heads + kh * p.group + r0 + std::min<int64_t>(r, rows - 1)) * h;
+    }
+    // 1. scale * q . k for kRows heads x kKeyBlock keys at a time.
+    for (int64_t j0 = 0; j0 < keys_pad; j0 += kKeyBlock) {
+      vf acc[kRows][kKeyBlock / kLanes] = {};
+      for (int64_t f = 0; f < h; ++f) {
+        const float* kt_row = w.kt.data() + f * s_pad + j0;
+        vf kv[kKeyBlock / kLanes];
+        for (int c = 0; c < kKeyBlock / kLanes; ++c) kv[c] = Load(kt_row + c * kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float qf = q[r][f];
+          for (int c = 0; c < kKeyBlock / kLanes; ++c) acc[r][c] += qf * kv[c];
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        for (int c = 0; c < kKeyBlock / kLanes; ++c) {
+          Store(w.scores.data() + r * s_pad + j0 + c * kLanes, acc[r][c] * p.scale);
+        }
+      }
+    }
+    // 2. Unnormalised probabilities exp(x - max) over the allowed keys, and 1 / their sum.
+    float inv_sum[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      float* row = w.scores.data() + r * s_pad;
+      vf m = Splat(-INFINITY);
+      for (int64_t j = 0; j < keys_pad; j += kLanes) {
+        const vf x = Load(allowed + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
+        m = m > x ? m : x;
+      }
+      const float row_max = MaxOf(m);
+      vf sum = {};
+      for (int64_t j = 0; j < keys_pad; j += kLanes) {
+        const vf e = Exp(Load(row + j) - row_max) * Load(allowed + j);
+        Store(row + j, e);
+        sum += e;
+      }
+      inv_sum[r] = 1.0f / SumOf(sum);  // >= 1: the maximum's own term is exp(0)
+    }
+    // 3. out = P V / sum, kFeatBlock features at a time.
+    for (int64_t f0 = 0; f0 < h; f0 += kFeatBlock) {
+      const int vecs = static_cast<int>(std::min<int64_t>(kFeatBlock, h - f0) / kLanes);
+      vf acc[kRows][kFeatBlock / kLanes] = {};
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* v_row = w.vv.data() + j * h + f0;
+        vf vj[kFeatBlock / kLanes];
+        for (int c = 0; c < kFeatBlock / kLanes; ++c) vj[c] = c < vecs ? Load(v_row + c * kLanes) : vf{};
+        for (int r = 0; r < kRows; ++r) {
+          const float pj = w.scores[r * s_pad + j];
+          for (int c = 0; c < kFeatBlock / kLanes; ++c) acc[r][c] += pj * vj[c];
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < vecs; ++c) Store(out + r * h + f0 + c * kLanes, acc[r][c] * inv_sum[r]);
+      }
+    }
+  }
+}
+
+// Tasks are (batch, kv head, chunk of kChunk query positions), handed out by an atomic counter;
+// the causal chunks with the most keys go first so that the last tasks are short.
+struct Queue {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  std::condition_variable all_done;
+};
+
+void Work(const Problem& p, Queue& queue, int64_t chunks, int64_t tasks) {
+  std::unique_ptr<Scratch> w;
+  try {
+    w = std::make_unique<Scratch>(p);
+  } catch (const std::exception&) {
+    queue.failed = true;
+  }
+  for (;;) {
+    const int64_t task = queue.next.fetch_add(1);
+    if (task >= tasks) break;
+    if (w) {
+      const int64_t bk = task / chunks, chunk = chunks - 1 - task % chunks;
+      w->Load(p, bk);
+      const int64_t end = std::min(p.t, (chunk + 1) * kChunk);
+      for (int64_t i = chunk * kChunk; i < end; ++i) Position(p, *w, bk / p.kv_heads, bk % p.kv_heads, i);
+    }
+    if (queue.done.fetch_add(1) + 1 == tasks) {
+      std::lock_guard<std::mutex> lock(queue.mu);
+      queue.all_done.notify_all();
+    }
+  }
+}
+
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                     ffi::ResultBuffer<ffi::F32> out, bool causal, bool has_mask, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
+    return ffi::Error::InvalidArgument("cpu attention: q, k and v must be rank 4");
+  }
+  const int64_t b = qd[0], t = qd[1], n = qd[2], h = qd[3], s = kd[1], kv = kd[2];
+  if (kd[0] != b || kd[3] != h || vd[0] != b || vd[1] != s || vd[2] != kv || vd[3] != h ||
+      kv == 0 || n % kv != 0 || h % kLanes != 0) {
+    return ffi::Error::InvalidArgument("cpu attention: shapes do not agree");
+  }
+  if (has_mask) {
+    auto md = mask.dimensions();
+    if (md.size() != 3 || md[0] != b || md[1] != t || md[2] != s) {
+      return ffi::Error::InvalidArgument("cpu attention: mask must be [B, T, S]");
+    }
+  }
+  if (b == 0 || t == 0 || n == 0 || h == 0) return ffi::Error::Success();
+  const Problem p{q.typed_data(), k.typed_data(), v.typed_data(),
+                  has_mask ? mask.typed_data() : nullptr, out->typed_data(),
+                  b, t, s, n, kv, h, n / kv, (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock,
+                  scale, causal};
+  const int64_t chunks = (t + kChunk - 1) / kChunk, tasks = b * kv * chunks;
+  auto queue = std::make_shared<Queue>();  // pool tasks may start after this call returns
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([queue, p, chunks, tasks] { Work(p, *queue, chunks, tasks); });
+  }
+  Work(p, *queue, chunks, tasks);
+  {
+    std::unique_lock<std::mutex> lock(queue->mu);
+    queue->all_done.wait(lock, [&] { return queue->done.load() == tasks; });
+  }
+  if (queue->failed) return ffi::Error::Internal("cpu attention: out of memory for scratch buffers");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NemotronCpuAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask (empty if none)
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("causal")
+                                  .Attr<bool>("has_mask")
+                                  .Attr<float>("scale"));
