@@ -111,8 +111,8 @@ class LlamaConfig:
                 f"unknown matmul_impl {self.matmul_impl!r}; choose from {MATMUL_IMPLS}"
             )
         if self.attention_impl == "cpu" and self.dtype != "float32":
-            raise ConfigError(f"attention_impl 'cpu' computes in float32, not dtype {self.dtype!r}; "
-                              f"use 'auto' or 'xla'")  # fmt: skip
+            raise ConfigError(f"attention_impl 'cpu' computes in float32, not dtype "
+                              f"{self.dtype!r}; use 'auto' or 'xla'")  # fmt: skip
         if self.matmul_impl == "onednn" and self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"matmul_impl 'onednn' computes in float32 or bfloat16, not dtype "
                               f"{self.dtype!r}")  # fmt: skip
