@@ -4,7 +4,10 @@ Run with `python benchmarks/forward.py` or `make bench-forward`; `--help` lists 
 
 One random tiny `LlamaForCausalLM` is built locally (no download), saved with `save_pretrained`
 and loaded into nemotron_jax with `load_hf`, so both frameworks time the same weights on the same
-batch in the same process. The target is jax >= 1.0x torch tokens/s in both dtypes; PASS/MISS is
+batch in the same process. JAX rows cover `matmul_impl` (xla, onednn) and, in float32,
+`attention_impl` (xla, and cpu: the fused float32 kernel, the counterpart of the fused
+scaled_dot_product_attention kernel torch runs). The target is jax >= 1.0x torch tokens/s in
+both dtypes; PASS/MISS is
 informational and the exit code is 0 either way. A section is appended to docs/benchmarks.md
 unless `--no-append` is given. On a machine with few cores, run it with nothing else busy: torch's
 OpenMP pool slows down far more than XLA's when another process takes a core.
@@ -49,6 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     add_matmul_args(p)
+    p.add_argument(
+        "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
+        help="LlamaConfig.attention_impl values for the float32 rows ('cpu', the fused float32 "
+        "kernel, only in float32; skipped if it cannot be built here)",
+    )  # fmt: skip
     add_output_args(p)
     return p.parse_args()
 
@@ -99,9 +107,13 @@ def bench_torch(model, tokens, mask, dtype, args):
     return best, med, out.float().numpy()
 
 
-def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dtype):
+def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dtype, attention):
     config = config.replace(
-        dtype=dtype, param_dtype=dtype, matmul_impl=matmul_impl, logits_dtype=logits_dtype
+        dtype=dtype,
+        param_dtype=dtype,
+        matmul_impl=matmul_impl,
+        logits_dtype=logits_dtype,
+        attention_impl=attention,
     )
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     fwd = jax.jit(lambda p, t, m: Llama(config).apply({"params": p}, t, attention_mask=m))
@@ -117,6 +129,12 @@ def main() -> None:
     args = parse_args()
     configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
+    if "cpu" in args.attention_impls:
+        from nemotron_jax.kernels.attention import cpu
+
+        if not cpu.available():
+            print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
+            args.attention_impls = [a for a in args.attention_impls if a != "cpu"]
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     hf_cfg = hf_config(args)
@@ -138,36 +156,45 @@ def main() -> None:
     for name in ("float32", "bfloat16"):
         tb, tm, torch_logits[name] = bench_torch(model, tokens, mask, getattr(torch, name), args)
         # float32 logits always; in bf16 also bf16 logits, the dtype torch returns there.
-        for logits_dtype in sorted({"float32", name}, reverse=True):
-            for impl in args.matmul_impls:
-                jb, jm, out = bench_jax(
-                    config, params, tokens, mask, name, args, impl, logits_dtype
-                )
-                jax_logits[name, impl, logits_dtype] = out.astype(np.float32)
-                # Best of N is the least disturbed by other processes, so the verdict uses it.
-                ratio = tb / jb  # = jax tok/s / torch tok/s
-                rows.append(
-                    (name, impl, logits_dtype, ntok / tb, ntok / tm, ntok / jb, ntok / jm, ratio)
-                )
-                print(
-                    f"{name}: torch {tb * 1e3:.1f} ms, jax/{impl}/{logits_dtype} {jb * 1e3:.1f} ms"
-                )
+        # float32 logits always; in bf16 also bf16 logits, the dtype torch returns there.
+        cases = [
+            (impl, logits_dtype, attention)
+            for logits_dtype in sorted({"float32", name}, reverse=True)
+            for attention in (args.attention_impls if name == "float32" else ["xla"])
+            for impl in args.matmul_impls
+        ]
+        for impl, logits_dtype, attention in cases:
+            jb, jm, out = bench_jax(
+                config, params, tokens, mask, name, args, impl, logits_dtype, attention
+            )
+            jax_logits[name, impl, logits_dtype, attention] = out.astype(np.float32)
+            # Best of N is the least disturbed by other processes, so the verdict uses it.
+            ratio = tb / jb  # = jax tok/s / torch tok/s
+            rows.append(
+                (name, impl, attention, logits_dtype, ntok / tb, ntok / tm, ntok / jb,
+                 ntok / jm, ratio)
+            )  # fmt: skip
+            print(
+                f"{name}: torch {tb * 1e3:.1f} ms, jax/{impl}/{attention}/{logits_dtype} "
+                f"{jb * 1e3:.1f} ms"
+            )
 
     lines = [
-        "| dtype | matmul_impl | jax logits | torch tok/s (best) | torch tok/s (median) "
-        "| jax tok/s (best) | jax tok/s (median) | jax/torch (best) | target |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| dtype | matmul_impl | attention_impl | jax logits | torch tok/s (best) "
+        "| torch tok/s (median) | jax tok/s (best) | jax tok/s (median) | jax/torch (best) "
+        "| target |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, impl, ldt, tb, tm, jb, jm, ratio in rows:
+    for name, impl, attention, ldt, tb, tm, jb, jm, ratio in rows:
         verdict = "PASS" if ratio >= 1.0 else "MISS"
         lines.append(
-            f"| {name} | {impl} | {ldt} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} | {jm:,.0f} "
-            f"| {ratio:.2f}x | {verdict} |"
+            f"| {name} | {impl} | {attention} | {ldt} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} "
+            f"| {jm:,.0f} | {ratio:.2f}x | {verdict} |"
         )
     table = "\n".join(lines)
     diffs = ", ".join(
-        f"{d}/{impl}/{ldt} logits {np.abs(out - torch_logits[d]).max():.2e}"
-        for (d, impl, ldt), out in jax_logits.items()
+        f"{d}/{impl}/{att}/{ldt} logits {np.abs(out - torch_logits[d]).max():.2e}"
+        for (d, impl, ldt, att), out in jax_logits.items()
     )
     sanity = (
         f"max |logit diff| jax vs torch: {diffs} (float32: sanity). torch returns logits in "

@@ -13,10 +13,10 @@
 // [T, S] scores to memory. With `causal` the keys after the query are never touched.
 //
 // Layout of the work, per query position i and the G query heads of one kv head:
-//   1. scores for up to 4 heads x 64 keys at a time: 16 vector accumulators, the keys stored
-//      transposed ([H, S]) so every load is contiguous;
+//   1. scores for up to 4 heads x 64 keys at a time: up to 16 vector accumulators, the keys
+//      stored transposed ([H, S]) so every load is contiguous;
 //   2. max, exp and sum over the row (unnormalised probabilities stay in the score buffer);
-//   3. out = P V, 4 heads x 64 features of accumulators, scaled by 1 / sum at the end.
+//   3. out = P V, 4 heads x up to 64 features of accumulators, scaled by 1 / sum at the end.
 // Vectors are GCC/Clang vector extensions of 16 floats: one AVX-512 register, or pairs of AVX2
 // registers (the library is built with -march=native; nemotron_jax/kernels/ffi_build.py).
 //
@@ -45,7 +45,6 @@ typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int kKeyBlock = 64;    // keys per score block: 4 vectors
 constexpr int kRows = 4;         // query heads per block
-constexpr int kFeatBlock = 64;   // output features per P V pass: 4 vectors
 constexpr int64_t kChunk = 16;   // query positions per task
 
 inline vf Load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -115,11 +114,51 @@ struct Scratch {
   }
 };
 
+// scores[r, 0:16V] = scale * q[r] . kt[:, 0:16V] for kRows query rows (kRows x V accumulators);
+// kt is [H, s_pad] (keys transposed), scores [kRows, s_pad].
+template <int V>
+void Scores(const float* const* q, const float* kt, int64_t s_pad, int64_t h, float scale,
+            float* scores) {
+  vf acc[kRows][V] = {};
+  for (int64_t f = 0; f < h; ++f) {
+    vf kv[V];
+    for (int c = 0; c < V; ++c) kv[c] = Load(kt + f * s_pad + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float qf = q[r][f];
+      for (int c = 0; c < V; ++c) acc[r][c] += qf * kv[c];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < V; ++c) Store(scores + r * s_pad + c * kLanes, acc[r][c] * scale);
+  }
+}
+
+// out[r, :] = inv_sum[r] * sum_j probs[r, j] v[j, :] for the first `rows` of kRows rows, V
+// vectors of features at a time (kRows x V accumulators).
+template <int V>
+void WeightedValues(const float* probs, int64_t s_pad, const float* v, int64_t h, int64_t keys,
+                    int64_t rows, const float* inv_sum, float* out) {
+  for (int64_t f0 = 0; f0 < h; f0 += V * kLanes) {
+    vf acc[kRows][V] = {};
+    for (int64_t j = 0; j < keys; ++j) {
+      vf vj[V];
+      for (int c = 0; c < V; ++c) vj[c] = Load(v + j * h + f0 + c * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const float pj = probs[r * s_pad + j];
+        for (int c = 0; c < V; ++c) acc[r][c] += pj * vj[c];
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < V; ++c) Store(out + r * h + f0 + c * kLanes, acc[r][c] * inv_sum[r]);
+    }
+  }
+}
+
 // The G query heads of kv head `kh` at query position i of batch row b.
 void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
   const int64_t h = p.h, s_pad = p.s_pad;
   const int64_t keys = p.causal ? std::min(i + 1, p.s) : p.s;  // keys past these are never read
-  const int64_t keys_pad = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  const int64_t keys_pad = (keys + kLanes - 1) / kLanes * kLanes;
   const bool* mask_row = p.mask ? p.mask + (b * p.t + i) * p.s : nullptr;
   float* allowed = w.allowed.data();  // 1.0 where the key may be attended, else 0.0
   bool any = false;
@@ -139,22 +178,14 @@ void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
     for (int r = 0; r < kRows; ++r) {
       q[r] = p.q + ((b * p.t + i) * p.heads + kh * p.group + r0 + std::min<int64_t>(r, rows - 1)) * h;
     }
-    // 1. scale * q . k for kRows heads x kKeyBlock keys at a time.
+    // 1. scale * q . k for kRows heads x kKeyBlock keys at a time; the last block only as many
+    //    vectors as the keys need.
     for (int64_t j0 = 0; j0 < keys_pad; j0 += kKeyBlock) {
-      vf acc[kRows][kKeyBlock / kLanes] = {};
-      for (int64_t f = 0; f < h; ++f) {
-        const float* kt_row = w.kt.data() + f * s_pad + j0;
-        vf kv[kKeyBlock / kLanes];
-        for (int c = 0; c < kKeyBlock / kLanes; ++c) kv[c] = Load(kt_row + c * kLanes);
-        for (int r = 0; r < kRows; ++r) {
-          const float qf = q[r][f];
-          for (int c = 0; c < kKeyBlock / kLanes; ++c) acc[r][c] += qf * kv[c];
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        for (int c = 0; c < kKeyBlock / kLanes; ++c) {
-          Store(w.scores.data() + r * s_pad + j0 + c * kLanes, acc[r][c] * p.scale);
-        }
+      switch (std::min<int64_t>(kKeyBlock, keys_pad - j0) / kLanes) {
+        case 4: Scores<4>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
+        case 3: Scores<3>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
+        case 2: Scores<2>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
+        default: Scores<1>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0);
       }
     }
     // 2. Unnormalised probabilities exp(x - max) over the allowed keys, and 1 / their sum.
@@ -175,22 +206,14 @@ void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
       }
       inv_sum[r] = 1.0f / SumOf(sum);  // >= 1: the maximum's own term is exp(0)
     }
-    // 3. out = P V / sum, kFeatBlock features at a time.
-    for (int64_t f0 = 0; f0 < h; f0 += kFeatBlock) {
-      const int vecs = static_cast<int>(std::min<int64_t>(kFeatBlock, h - f0) / kLanes);
-      vf acc[kRows][kFeatBlock / kLanes] = {};
-      for (int64_t j = 0; j < keys; ++j) {
-        const float* v_row = w.vv.data() + j * h + f0;
-        vf vj[kFeatBlock / kLanes];
-        for (int c = 0; c < kFeatBlock / kLanes; ++c) vj[c] = c < vecs ? Load(v_row + c * kLanes) : vf{};
-        for (int r = 0; r < kRows; ++r) {
-          const float pj = w.scores[r * s_pad + j];
-          for (int c = 0; c < kFeatBlock / kLanes; ++c) acc[r][c] += pj * vj[c];
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        for (int c = 0; c < vecs; ++c) Store(out + r * h + f0 + c * kLanes, acc[r][c] * inv_sum[r]);
-      }
+    // 3. out = P V / sum, in blocks of 4, 2 or 1 vectors of features (whichever divides H).
+    const float* probs = w.scores.data();
+    if (h % (4 * kLanes) == 0) {
+      WeightedValues<4>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+    } else if (h % (2 * kLanes) == 0) {
+      WeightedValues<2>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+    } else {
+      WeightedValues<1>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
     }
   }
 }
