@@ -86,28 +86,33 @@ def hf_config(args: argparse.Namespace) -> transformers.LlamaConfig:
     )
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(best, median) seconds of `fn()` over `repeats` calls, plus the last result."""
-    times = []
+def timed_alternating(runs: dict, repeats: int) -> dict:
+    """{name: (best, median, last result)} in seconds for `runs` ({name: fn}), calling each fn
+    once per round in turn for `repeats` rounds, so a busy spell on the machine slows all alike."""
+    times = {name: [] for name in runs}
+    outs = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times), out
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {n: (min(t), statistics.median(t), outs[n]) for n, t in times.items()}
 
 
-def bench_torch(model, tokens, mask, dtype, args):
+def torch_runner(model, tokens, mask, dtype):
     model = model.to(dtype)
     tok, am = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
-    with torch.inference_mode():
-        run = lambda: model(input_ids=tok, attention_mask=am, use_cache=False).logits
-        for _ in range(2):  # first calls pay for allocator growth and kernel selection
-            run()
-        best, med, out = timed(run, args.repeats)
-    return best, med, out.float().numpy()
+
+    def run():
+        with torch.inference_mode():
+            return model(input_ids=tok, attention_mask=am, use_cache=False).logits
+
+    for _ in range(2):  # first calls pay for allocator growth and kernel selection
+        run()
+    return run
 
 
-def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dtype, attention):
+def jax_runner(config, params, tokens, mask, dtype, matmul_impl, logits_dtype, attention):
     config = config.replace(
         dtype=dtype,
         param_dtype=dtype,
@@ -121,8 +126,7 @@ def bench_jax(config, params, tokens, mask, dtype, args, matmul_impl, logits_dty
     run = lambda: fwd(params, tok, am).block_until_ready()  # dispatch is async: wait for it
     for _ in range(2):  # the first call compiles
         run()
-    best, med, out = timed(run, args.repeats)
-    return best, med, np.asarray(out)
+    return run
 
 
 def main() -> None:
@@ -154,8 +158,6 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()} (JAX uses XLA:CPU's own thread pool)")
     rows, torch_logits, jax_logits = [], {}, {}
     for name in ("float32", "bfloat16"):
-        tb, tm, torch_logits[name] = bench_torch(model, tokens, mask, getattr(torch, name), args)
-        # float32 logits always; in bf16 also bf16 logits, the dtype torch returns there.
         # float32 logits always; in bf16 also bf16 logits, the dtype torch returns there.
         cases = [
             (impl, logits_dtype, attention)
@@ -163,11 +165,14 @@ def main() -> None:
             for attention in (args.attention_impls if name == "float32" else ["xla"])
             for impl in args.matmul_impls
         ]
-        for impl, logits_dtype, attention in cases:
-            jb, jm, out = bench_jax(
-                config, params, tokens, mask, name, args, impl, logits_dtype, attention
-            )
-            jax_logits[name, impl, logits_dtype, attention] = out.astype(np.float32)
+        runs = {"torch": torch_runner(model, tokens, mask, getattr(torch, name))}
+        for case in cases:
+            runs[case] = jax_runner(config, params, tokens, mask, name, *case)
+        timings = timed_alternating(runs, args.repeats)
+        tb, tm, out = timings.pop("torch")
+        torch_logits[name] = out.float().numpy()
+        for (impl, logits_dtype, attention), (jb, jm, out) in timings.items():
+            jax_logits[name, impl, logits_dtype, attention] = np.asarray(out, np.float32)
             # Best of N is the least disturbed by other processes, so the verdict uses it.
             ratio = tb / jb  # = jax tok/s / torch tok/s
             rows.append(
@@ -204,7 +209,8 @@ def main() -> None:
         f"hidden {hf_cfg.hidden_size}, {hf_cfg.num_hidden_layers} layers, "
         f"{hf_cfg.num_attention_heads} heads / {hf_cfg.num_key_value_heads} kv heads, head_dim "
         f"{hf_cfg.head_dim}, intermediate {hf_cfg.intermediate_size}, vocab {hf_cfg.vocab_size}, "
-        f"llama3 rope; batch B={args.batch}, T={args.seq}, no padding; N={args.repeats}"
+        f"llama3 rope; batch B={args.batch}, T={args.seq}, no padding; N={args.repeats} rounds, "
+        f"torch and every jax case alternated in each"
     )
     print(f"\n{shape}\n\n{table}\n\n{sanity}")
 
