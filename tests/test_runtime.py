@@ -12,7 +12,7 @@ from nemotron_jax import runtime
 
 # Runs in a fresh process: the dispatch setting only takes effect before JAX's CPU client exists.
 # Each call returns a new 128 MB array (the size of a [1024, 32000] f32 logits block), which
-# XLA:CPU allocates per execution; counts the page faults of the last two calls.
+# XLA:CPU allocates per execution; counts the page faults of each of the last six calls.
 _PROBE = """
 import json, resource, sys
 from nemotron_jax import runtime
@@ -22,10 +22,11 @@ f = jax.jit(lambda x: jnp.broadcast_to(x, (1024, 32000)) * 2.0)
 x = jnp.ones((32000,), jnp.float32)
 for _ in range(6):  # warm-up: compiles, and the heap grows to hold the live results
     out = f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = f(x).block_until_ready()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 assert float(out[5, 7]) == 2.0
 print(json.dumps({"done": done, "faults": faults,
                   "async": jax.config.values["jax_cpu_enable_async_dispatch"]}))
@@ -54,13 +55,16 @@ def test_configure_cpu_removes_per_step_page_faults():
     assert tuned["async"] is False
     assert tuned["done"]["async_dispatch"] == "off"
     assert tuned["done"]["malloc"].startswith("heap up to 1024 MiB"), tuned["done"]
-    assert tuned["faults"] < PAGES_PER_CALL // 20, tuned  # reused heap pages
+    # Reused heap pages. The median, because an unrelated allocation can split a freed block
+    # once, and the call after that then extends the heap: usually every call has 0 faults, but
+    # one full-suite run under parallel load had one call with 32,000.
+    assert sorted(tuned["faults"])[3] < PAGES_PER_CALL // 20, tuned
 
     untouched = _probe("0")
     assert untouched["done"] == {"cpu_tuning": "off"}
     assert untouched["async"] is True
     if not _thp_always():  # with huge pages everywhere, fresh pages fault 512 at a time
-        assert untouched["faults"] >= 2 * PAGES_PER_CALL * 0.9, untouched  # the control
+        assert min(untouched["faults"]) >= PAGES_PER_CALL * 0.9, untouched  # the control
 
 
 def test_configure_cpu_after_backend_start_says_dispatch_is_unchanged():
