@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -19,6 +20,32 @@ def configure_host() -> None:
 
     _HOST.update(runtime.configure_cpu())
     print(f"host settings: {host_settings()}")
+
+
+class TorchProcess:
+    """Runs `serve(conn, *args)` in a spawned child process: the torch side of a benchmark.
+
+    Why a process of its own: torch and oneDNN (`matmul_impl="onednn"`) both link an OpenMP
+    runtime with the soname libgomp.so.1, so in one process they share a single copy. Once
+    oneDNN's products have run from XLA's threads, that copy manages more threads than there are
+    cores and throttles its spin-waiting, and torch's eager code, which enters a parallel region
+    per op, ran 10-25% slower on the 2-core machine (bf16 most). In its own process torch keeps
+    its own runtime. `serve` answers each message from `conn.recv()` with one `conn.send`, and
+    returns on ("stop",)."""
+
+    def __init__(self, serve, *args):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=serve, args=(child, *args), daemon=True)
+        self._proc.start()
+
+    def call(self, *message):
+        self._conn.send(message)
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(("stop",))
+        self._proc.join()
 
 
 def host_settings() -> str:

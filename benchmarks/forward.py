@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import transformers
 from common import (  # benchmarks/common.py
+    TorchProcess,
     add_matmul_args,
     add_output_args,
     append_section,
@@ -106,21 +107,26 @@ def timed_alternating(runs: dict, repeats: int) -> dict:
     return {n: (min(t), statistics.median(t), outs[n]) for n, t in times.items()}
 
 
-def torch_worker(conn, hf_dir, tokens, mask, threads):
-    """The torch side, in its own process: torch and oneDNN both link an OpenMP runtime named
-    libgomp.so.1, so in one process they share it, and once oneDNN's products have run (from
-    XLA's threads) libgomp manages more threads than there are cores and throttles its spinning:
-    torch's eager forward then ran 10-15% slower (measured on the 2-core machine). Commands:
-    ("run", dtype) -> (seconds, None); ("logits", dtype) -> float32 logits; ("stop", None)."""
+def serve_torch(conn, hf_cfg, seed, hf_dir, tokens, mask, threads):
+    """The torch side, in its own process (`common.TorchProcess`): ("build",) makes the random
+    model and saves it to `hf_dir`; ("run", dtype) -> (seconds, None); ("logits", dtype) ->
+    float32 logits; ("stop",). The parent process never runs torch code, so its OpenMP runtime
+    is oneDNN's alone."""
     configure_host()
     if threads:
         torch.set_num_threads(threads)
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     runners = {}
     while True:
-        cmd, dtype = conn.recv()
+        cmd, *rest = conn.recv()
         if cmd == "stop":
             return
+        if cmd == "build":
+            torch.manual_seed(seed)
+            model = transformers.LlamaForCausalLM(hf_cfg).eval()
+            model.save_pretrained(hf_dir)
+            conn.send(None)
+            continue
+        dtype = rest[0]
         if dtype not in runners:
             runners[dtype] = torch_runner(copy.deepcopy(model), tokens, mask, getattr(torch, dtype))
         t0 = time.perf_counter()
@@ -169,32 +175,19 @@ def main() -> None:
         if not cpu.available():
             print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
             args.attention_impls = [a for a in args.attention_impls if a != "cpu"]
-    if args.torch_threads:
+    if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
     hf_cfg = hf_config(args)
-    torch.manual_seed(args.seed)
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, args.vocab, size=(args.batch, args.seq), dtype=np.int32)
     mask = np.ones((args.batch, args.seq), dtype=np.int32)  # no padding, but passed to both
+    # torch runs in a child process (common.TorchProcess), which also builds the model.
     tmp = tempfile.TemporaryDirectory()
-    model.save_pretrained(tmp.name)
-    config, params = load_hf(tmp.name)
-    del model
-    # torch runs in a child process (see torch_worker), started before any oneDNN product runs.
-    conn, child_conn = multiprocessing.Pipe()
-    ctx = multiprocessing.get_context("spawn")
-    worker = ctx.Process(
-        target=torch_worker, args=(child_conn, tmp.name, tokens, mask, args.torch_threads)
+    torch_process = TorchProcess(
+        serve_torch, hf_cfg, args.seed, tmp.name, tokens, mask, args.torch_threads
     )
-    worker.start()
-
-    def torch_run(dtype):
-        def run():
-            conn.send(("run", dtype))
-            return conn.recv()
-
-        return run
+    torch_process.call("build")
+    config, params = load_hf(tmp.name)
 
     ntok = args.batch * args.seq
     # Other processes on a small machine skew timings; the load average says how much.
@@ -210,14 +203,13 @@ def main() -> None:
             for attention in (args.attention_impls if name == "float32" else ["xla"])
             for impl in args.matmul_impls
         ]
-        runs = {"torch": torch_run(name)}
-        runs["torch"]()  # the worker's first call builds and warms its model
+        runs = {"torch": functools.partial(torch_process.call, "run", name)}
+        runs["torch"]()  # the first call converts and warms the child's model
         for case in cases:
             runs[case] = jax_runner(config, params, tokens, mask, name, *case)
         timings = timed_alternating(runs, args.repeats)
         tb, tm, _ = timings.pop("torch")
-        conn.send(("logits", name))
-        torch_logits[name] = conn.recv()
+        torch_logits[name] = torch_process.call("logits", name)
         for (impl, logits_dtype, attention), (jb, jm, out) in timings.items():
             jax_logits[name, impl, logits_dtype, attention] = np.asarray(out, np.float32)
             # Best of N is the least disturbed by other processes, so the verdict uses it.
@@ -231,8 +223,7 @@ def main() -> None:
                 f"{jb * 1e3:.1f} ms"
             )
 
-    conn.send(("stop", None))
-    worker.join()
+    torch_process.close()
     tmp.cleanup()
 
     lines = [

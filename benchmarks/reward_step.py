@@ -9,7 +9,8 @@ random `LlamaForCausalLM` is built locally, saved with `save_pretrained` and loa
 compute the same reward. JAX: `make_train_step` + `make_optimizer`, jitted once, state donated.
 torch: the same loss, `clip_grad_norm_(1.0)` and `torch.optim.AdamW` (same betas, eps and
 decay; norms undecayed, as `decay_mask`). bf16 is mixed precision in both: float32 params,
-bf16 compute (`dtype="bfloat16"` / `torch.autocast`). The two frameworks alternate step by step.
+bf16 compute (`dtype="bfloat16"` / `torch.autocast`). The two frameworks alternate step by step;
+torch runs in a child process of its own (`common.TorchProcess` says why).
 Targets (informational, exit 0): jax >= 1.0x torch in f32, >= 1.2x in bf16, CPU-MFU >= 55%
 (model FLOPs: 6 N tokens + causal attention, performance.md §6.2). Appends a section to
 docs/benchmarks.md unless `--no-append`. Run it on an otherwise idle machine.
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import transformers
 from common import (  # benchmarks/common.py
+    TorchProcess,
     add_matmul_args,
     add_model_args,
     add_output_args,
@@ -120,6 +122,43 @@ def torch_step_fn(model, pairs: int, autocast: bool):
     return step
 
 
+def serve_torch(conn, cfg, seed, out_dir, tokens, strength, threads):
+    """The torch side, in its own process (`common.TorchProcess`). ("build",) makes the random
+    models, saves the causal LM to `out_dir` and returns the score row; ("setup", dtype) resets
+    the weights and optimizer and returns the first step's loss; ("run",) -> (seconds, None).
+    The parent process never runs torch code, so its OpenMP runtime is oneDNN's alone."""
+    configure_host()
+    if threads:
+        torch.set_num_threads(threads)
+    pairs = tokens.shape[0]
+    batch = [
+        torch.from_numpy(x.reshape(2 * pairs, -1)).long() for x in (tokens, np.ones_like(tokens))
+    ]
+    batch.append(torch.from_numpy(strength))
+    while True:
+        cmd, *rest = conn.recv()
+        if cmd == "stop":
+            return
+        if cmd == "build":
+            torch.manual_seed(seed)
+            causal = transformers.LlamaForCausalLM(cfg)
+            causal.save_pretrained(out_dir)
+            model = transformers.LlamaForSequenceClassification(cfg)
+            model.model.load_state_dict(causal.model.state_dict())
+            del causal
+            init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            conn.send(model.score.weight.detach().numpy()[0])
+        elif cmd == "setup":  # every dtype starts from the same weights
+            model.load_state_dict(init_state)
+            model.train()
+            step = torch_step_fn(model, pairs, autocast=rest[0] == "bfloat16")
+            conn.send(step(*batch))
+        else:
+            t0 = time.perf_counter()
+            step(*batch)
+            conn.send((time.perf_counter() - t0, None))
+
+
 def jax_step_fn(config, params, dtype: str, matmul_impl: str):
     # Layers fully unrolled (in a training config: model.overrides.scan_unroll): at 4 small
     # layers on CPU this is ~10% faster than the rolled scan (unroll 2 gains nothing).
@@ -137,13 +176,11 @@ def jax_step_fn(config, params, dtype: str, matmul_impl: str):
     return step, state
 
 
-def bench(seqcls, config, params, batch, torch_batch, dtype, args):
+def bench(torch_process, config, params, batch, dtype, args):
     """Step times per framework ("torch", "jax/<matmul_impl>"), jax compile seconds and the
     first-step losses."""
-    seqcls.train()
-    tstep = torch_step_fn(seqcls, args.pairs, autocast=dtype == "bfloat16")
-    runs, losses, compile_s = {"torch": lambda: tstep(*torch_batch)}, {}, {}
-    losses["torch"] = tstep(*torch_batch)
+    runs, losses, compile_s = {"torch": functools.partial(torch_process.call, "run")}, {}, {}
+    losses["torch"] = torch_process.call("setup", dtype)
     for impl in args.matmul_impls:
         jstep, state = jax_step_fn(config, params, dtype, impl)
         t0 = time.perf_counter()
@@ -162,9 +199,10 @@ def bench(seqcls, config, params, batch, torch_batch, dtype, args):
     for i in range(args.repeats + 1):  # alternated, so a busy spell slows all alike
         for name, run in runs.items():
             t0 = time.perf_counter()
-            run()
+            out = run()
+            elapsed = out[0] if isinstance(out, tuple) else time.perf_counter() - t0
             if i:  # the first round warms up allocators and kernel selection
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(elapsed)
     return times, compile_s, losses
 
 
@@ -172,32 +210,25 @@ def main() -> None:
     args = parse_args()
     configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
-    if args.torch_threads:
+    if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
     cfg = hf_config(args)
-    torch.manual_seed(args.seed)
-    causal = transformers.LlamaForCausalLM(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        causal.save_pretrained(tmp)
-        config, backbone = load_hf(tmp)
-    seqcls = transformers.LlamaForSequenceClassification(cfg)
-    seqcls.model.load_state_dict(causal.model.state_dict())
-    del causal
-    kernel = np.random.default_rng(args.seed).normal(0, 0.02, (args.hidden, 9)).astype(np.float32)
-    kernel[:, HELPFULNESS_SLOT] = seqcls.score.weight.detach().numpy()[0]
-    params = reward_params_from_backbone(backbone, {"kernel": kernel, "bias": np.zeros(9, "f4")})
-    init_state = {k: v.detach().clone() for k, v in seqcls.state_dict().items()}
-
     rng = np.random.default_rng(args.seed + 1)
     b, t = args.pairs, args.seq
     tokens = rng.integers(1, args.vocab, size=(b, 2, t), dtype=np.int32)
     strength = rng.choice([-3, -2, -1, 1, 2, 3], size=b).astype(np.int32)  # no ties
+    # torch steps in a child process (common.TorchProcess), which also builds the models.
+    tmp = tempfile.TemporaryDirectory()
+    torch_process = TorchProcess(
+        serve_torch, cfg, args.seed, tmp.name, tokens, strength, args.torch_threads
+    )
+    score_row = torch_process.call("build")
+    config, backbone = load_hf(tmp.name)
+    kernel = np.random.default_rng(args.seed).normal(0, 0.02, (args.hidden, 9)).astype(np.float32)
+    kernel[:, HELPFULNESS_SLOT] = score_row
+    params = reward_params_from_backbone(backbone, {"kernel": kernel, "bias": np.zeros(9, "f4")})
     batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "strength": strength}
     batch["example_weight"] = np.ones(b, np.float32)  # as the training loop adds
-    torch_batch = [
-        torch.from_numpy(x.reshape(2 * b, t)).long() for x in (tokens, np.ones_like(tokens))
-    ]
-    torch_batch.append(torch.from_numpy(strength))
     batch = jax.tree.map(jnp.asarray, batch)
 
     ntok, flops = 2 * b * t, model_flops(cfg, 2 * b, t)
@@ -210,9 +241,8 @@ def main() -> None:
     ]
     first_loss = {}
     for dtype in args.dtypes.split(","):
-        seqcls.load_state_dict(init_state)  # every case starts from the same weights
         times, compile_s, first_loss[dtype] = bench(
-            seqcls, config, params, batch, torch_batch, dtype, args
+            torch_process, config, params, batch, dtype, args
         )
         peak = args.peak_f32 if dtype == "float32" else args.peak_bf16
         for fw in times:
@@ -227,6 +257,8 @@ def main() -> None:
                 f"| {extra} |"
             )
         print(f"{dtype}: jax compile s {compile_s}; load now {os.getloadavg()[0]:.2f}")
+    torch_process.close()
+    tmp.cleanup()
     table = "\n".join(lines)
     sanity = "First-step Scaled BT loss (same weights and batch): " + "; ".join(
         f"{d} " + ", ".join(f"{fw} {loss:.6f}" for fw, loss in first_loss[d].items())
@@ -237,7 +269,8 @@ def main() -> None:
         f"heads, head_dim {args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}, "
         f"llama3 rope; {b} pairs x 2 x {t} tokens = {ntok} tokens/step, no padding; "
         f"{flops / 1e9:.1f} GFLOP/step; CPU-MFU vs {args.peak_f32:g} (f32) / "
-        f"{args.peak_bf16:g} (bf16) GFLOP/s; N={args.repeats}, frameworks alternated"
+        f"{args.peak_bf16:g} (bf16) GFLOP/s; N={args.repeats}, frameworks alternated (torch in "
+        f"its own process)"
     )
     print(f"\n{shape}\n\n{table}\n\n{sanity}")
     if args.append is not None:
