@@ -2,15 +2,16 @@
 
 Run with `python benchmarks/forward.py` or `make bench-forward`; `--help` lists the flags.
 
-One random tiny `LlamaForCausalLM` is built locally (no download), saved with `save_pretrained`
-and loaded into nemotron_jax with `load_hf`, so both frameworks time the same weights on the same
-batch in the same process. JAX rows cover `matmul_impl` (xla, onednn) and, in float32,
-`attention_impl` (xla, and cpu: the fused float32 kernel, the counterpart of the fused
+One random tiny `LlamaForCausalLM` is built locally (no download) in the torch child process
+(`common.TorchProcess`: torch must not share an OpenMP runtime with oneDNN), saved with
+`save_pretrained` and loaded into nemotron_jax with `load_hf`, so both frameworks time the same
+weights on the same batch, in alternating rounds. JAX rows cover `matmul_impl` (xla, onednn) and
+`attention_impl` (xla, and cpu: the fused CPU kernel, the counterpart of the fused
 scaled_dot_product_attention kernel torch runs). The target is jax >= 1.0x torch tokens/s in
-both dtypes; PASS/MISS is
-informational and the exit code is 0 either way. A section is appended to docs/benchmarks.md
-unless `--no-append` is given. On a machine with few cores, run it with nothing else busy: torch's
-OpenMP pool slows down far more than XLA's when another process takes a core.
+both dtypes; PASS/MISS is informational and the exit code is 0 either way. A section is appended
+to docs/benchmarks.md unless `--no-append` is given. On a machine with few cores, run it with
+nothing else busy: torch's OpenMP pool slows down far more than XLA's when another process takes
+a core.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def parse_args() -> argparse.Namespace:
     add_matmul_args(p)
     p.add_argument(
         "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
-        help="LlamaConfig.attention_impl values for the float32 rows ('cpu', the fused float32 "
-        "kernel, only in float32; skipped if it cannot be built here)",
+        help="LlamaConfig.attention_impl values, one jax row each ('cpu', the fused CPU kernel, "
+        "is skipped if it cannot be built here)",
     )  # fmt: skip
     add_output_args(p)
     return p.parse_args()
@@ -200,7 +201,7 @@ def main() -> None:
         cases = [
             (impl, logits_dtype, attention)
             for logits_dtype in sorted({"float32", name}, reverse=True)
-            for attention in (args.attention_impls if name == "float32" else ["xla"])
+            for attention in args.attention_impls
             for impl in args.matmul_impls
         ]
         runs = {"torch": functools.partial(torch_process.call, "run", name)}

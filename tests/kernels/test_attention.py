@@ -4,8 +4,8 @@ Values and gradients (dq, dk, dv) in float32 and bfloat16, shapes that are not b
 GQA groups 1/4/8, padding and packing via segment_ids, fully masked rows, shard_map on the 8 fake
 devices, lowering of the GPU (Triton) kernels for "cuda" on this CPU, and equality of "xla" with
 the model's position-based mask. Shapes are tiny: the Pallas interpreter is slow. The fused CPU
-kernel ("cpu", float32 only) also gets head dims that need padding, several key blocks and random
-masks with and without causality.
+kernel ("cpu") also gets head dims that need padding, several key blocks and random masks with
+and without causality.
 
 Errors are max abs differences divided by max(1, max |reference|) (`_err`); limits live in
 tests/tolerances.py (ATTENTION_*).
@@ -29,7 +29,6 @@ from nemotron_jax.sharding import make_mesh
 from tests import tolerances
 
 CPU_IMPLEMENTATIONS = ("xla", "pallas_interpret", "cpu")
-FLOAT32_ONLY = ("cpu",)  # refuses other dtypes (test_cpu_kernel_errors)
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
 UNEVEN = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32,
                     block_k_dkv=16)  # fmt: skip
@@ -110,16 +109,9 @@ TOL = {
 }
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(
-    "implementation,dtype",
-    [
-        pytest.param(impl, dtype, id=f"{impl}-{jnp.dtype(dtype).name}")
-        for impl in CPU_IMPLEMENTATIONS
-        for dtype in (jnp.float32, jnp.bfloat16)
-        if dtype == jnp.float32 or impl not in FLOAT32_ONLY
-    ],
-)
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 def test_values_and_grads_match_naive(implementation, case, dtype):
     b, t, s, n, k, h, causal, use_seg, blocks = CASES[case]
     q, kk, v, cot = _inputs(b, t, s, n, k, h, dtype)
@@ -262,12 +254,13 @@ CPU_CASES = {
 }
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CPU_CASES))
-def test_cpu_kernel_random_masks(case):
+def test_cpu_kernel_random_masks(case, dtype):
     """The fused CPU kernel with an arbitrary [B, T, S] mask (rows with no key included), on
     top of index causality or without it; values and gradients against the naive oracle."""
     b, t, s, n, k, h, causal = CPU_CASES[case]
-    q, kk, v, cot = _inputs(b, t, s, n, k, h, jnp.float32, seed=7)
+    q, kk, v, cot = _inputs(b, t, s, n, k, h, dtype, seed=7)
     mask = np.random.default_rng(8).random((b, t, s)) < 0.7
     mask[0, 0] = False  # a query that sees nothing
     mask[-1, :, 0] = False  # a key nobody sees
@@ -277,21 +270,26 @@ def test_cpu_kernel_random_masks(case):
     allowed = mask & _allowed(b, t, s, None, causal)
     want_fn = functools.partial(_naive, allowed=allowed, scale=h**-0.5)
     want, want_grads = _out_and_grads(want_fn, q, kk, v, cot)
+    assert out.dtype == dtype
+    tol, grad_tol = TOL[dtype]
     errs = [_err(out, want)] + [_err(g, w) for g, w in zip(grads, want_grads, strict=True)]
-    print(f"cpu {case}: out/dq/dk/dv err {errs}")
-    assert errs[0] <= tolerances.ATTENTION_F32, errs
-    assert max(errs[1:]) <= tolerances.ATTENTION_GRAD_F32, errs
-    assert np.all(np.asarray(out)[0, 0] == 0.0)
+    print(f"cpu {case} {jnp.dtype(dtype).name}: out/dq/dk/dv err {errs}")
+    assert errs[0] <= tol, errs
+    assert max(errs[1:]) <= grad_tol, errs
+    assert np.all(np.asarray(out, np.float32)[0, 0] == 0.0)
     # Without a mask the same call is plain (causal or full) attention.
     out = jax.jit(functools.partial(attention, causal=causal, implementation="cpu"))(q, kk, v)
     want = _naive(q, kk, v, _allowed(b, t, s, None, causal), h**-0.5)
-    assert _err(out, want) <= tolerances.ATTENTION_F32
+    assert _err(out, want) <= tol
 
 
 def test_cpu_kernel_errors():
-    q, kv = jnp.zeros((1, 8, 4, 16), jnp.bfloat16), jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
-    with pytest.raises(ValueError, match="'cpu' computes in float32, got q/k/v dtypes"):
+    q, kv = jnp.zeros((1, 8, 4, 16), jnp.float16), jnp.zeros((1, 8, 2, 16), jnp.float16)
+    with pytest.raises(ValueError, match="'cpu' takes q, k and v all float32 or all bfloat16"):
         attention(q, kv, kv, implementation="cpu")
+    with pytest.raises(ValueError, match="all float32 or all bfloat16, got .'bfloat16', 'float32'"):
+        bf16 = kv.astype(jnp.bfloat16)
+        attention(q.astype(jnp.float32), bf16, bf16, implementation="cpu")
     with pytest.raises(ValueError, match="multiple of kv heads"):
         f32 = jnp.zeros((1, 8, 3, 16))
         attention(jnp.zeros((1, 8, 4, 16)), f32, f32, implementation="cpu")

@@ -185,8 +185,8 @@ def test_cpu_attention_in_the_model_matches_xla(tiny):
     for a, e in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         scale = max(1.0, float(jnp.max(jnp.abs(e))))
         np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32 * scale)
-    with pytest.raises(ConfigError, match="attention_impl 'cpu' computes in float32"):
-        cfg.replace(attention_impl="cpu", dtype="bfloat16")
+    with pytest.raises(ConfigError, match="attention_impl 'cpu' takes float32 or bfloat16"):
+        cfg.replace(attention_impl="cpu", dtype="float16")
 
 
 def test_unknown_attention_impl():

@@ -1,4 +1,5 @@
-// XLA FFI handler: fused softmax attention on the CPU, float32 (attention implementation "cpu").
+// XLA FFI handler: fused softmax attention on the CPU (attention implementation "cpu"), float32
+// or bfloat16 inputs and result, float32 arithmetic throughout.
 //
 //   out[b, i, n, :] = sum_j p[j] v[b, j, n / G, :],   p = softmax_j(scale * q[b, i, n] . k[b, j, n / G])
 //
@@ -85,10 +86,26 @@ inline float SumOf(vf v) {
   return s;
 }
 
+// bfloat16 <-> float32: a bfloat16 is the top half of a float32; rounding to nearest even.
+inline float FromBf16(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays a (quiet) NaN
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 struct Problem {
-  const float *q, *k, *v;
-  const bool* mask;  // [B, T, S], or nullptr: every key may be attended
-  float* out;
+  const void *q, *k, *v;  // float32, or bfloat16 when `bf16`
+  const bool* mask;       // [B, T, S], or nullptr: every key may be attended
+  void* out;              // q's dtype
+  bool bf16;
   int64_t batch, t, s, heads, kv_heads, h, group, s_pad;
   float scale;
   bool causal;
@@ -96,10 +113,16 @@ struct Problem {
 
 // Per-thread buffers; kt and vv hold one (batch, kv head)'s keys (transposed) and values.
 struct Scratch {
-  std::vector<float> kt, vv, scores, allowed;
+  // qs and outs: one block of query rows and their results in float32 (bfloat16 inputs).
+  std::vector<float> kt, vv, scores, allowed, qs, outs;
   int64_t loaded = -1;  // which (batch * K + kv head) kt and vv hold
   explicit Scratch(const Problem& p)
-      : kt(p.h * p.s_pad), vv(p.s_pad * p.h), scores(kRows * p.s_pad), allowed(p.s_pad) {}
+      : kt(p.h * p.s_pad), vv(p.s_pad * p.h), scores(kRows * p.s_pad), allowed(p.s_pad),
+        qs(kRows * p.h), outs(kRows * p.h) {}
+
+  static float At(const Problem& p, const void* x, int64_t i) {
+    return p.bf16 ? FromBf16(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+  }
 
   void Load(const Problem& p, int64_t bk) {
     if (bk == loaded) return;
@@ -108,8 +131,10 @@ struct Scratch {
     std::fill(kt.begin(), kt.end(), 0.0f);  // padding keys score 0 and are masked out
     for (int64_t j = 0; j < p.s; ++j) {
       const int64_t src = ((b * p.s + j) * p.kv_heads + kh) * p.h;
-      for (int64_t f = 0; f < p.h; ++f) kt[f * p.s_pad + j] = p.k[src + f];
-      std::memcpy(vv.data() + j * p.h, p.v + src, p.h * sizeof(float));
+      for (int64_t f = 0; f < p.h; ++f) {
+        kt[f * p.s_pad + j] = At(p, p.k, src + f);
+        vv[j * p.h + f] = At(p, p.v, src + f);
+      }
     }
   }
 };
@@ -154,6 +179,49 @@ void WeightedValues(const float* probs, int64_t s_pad, const float* v, int64_t h
   }
 }
 
+// Steps 1-3 for one block of up to kRows query heads at one position; out is [rows, H] float32.
+void RowBlock(const float* const* q, Scratch& w, int64_t h, int64_t s_pad, int64_t keys,
+              int64_t keys_pad, int64_t rows, float scale, float* out) {
+  const float* allowed = w.allowed.data();
+  // 1. scale * q . k for kRows heads x kKeyBlock keys at a time; the last block only as many
+  //    vectors as the keys need.
+  for (int64_t j0 = 0; j0 < keys_pad; j0 += kKeyBlock) {
+    switch (std::min<int64_t>(kKeyBlock, keys_pad - j0) / kLanes) {
+      case 4: Scores<4>(q, w.kt.data() + j0, s_pad, h, scale, w.scores.data() + j0); break;
+      case 3: Scores<3>(q, w.kt.data() + j0, s_pad, h, scale, w.scores.data() + j0); break;
+      case 2: Scores<2>(q, w.kt.data() + j0, s_pad, h, scale, w.scores.data() + j0); break;
+      default: Scores<1>(q, w.kt.data() + j0, s_pad, h, scale, w.scores.data() + j0);
+    }
+  }
+  // 2. Unnormalised probabilities exp(x - max) over the allowed keys, and 1 / their sum.
+  float inv_sum[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    float* row = w.scores.data() + r * s_pad;
+    vf m = Splat(-INFINITY);
+    for (int64_t j = 0; j < keys_pad; j += kLanes) {
+      const vf x = Load(allowed + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
+      m = m > x ? m : x;
+    }
+    const float row_max = MaxOf(m);
+    vf sum = {};
+    for (int64_t j = 0; j < keys_pad; j += kLanes) {
+      const vf e = Exp(Load(row + j) - row_max) * Load(allowed + j);
+      Store(row + j, e);
+      sum += e;
+    }
+    inv_sum[r] = 1.0f / SumOf(sum);  // >= 1: the maximum's own term is exp(0)
+  }
+  // 3. out = P V / sum, in blocks of 4, 2 or 1 vectors of features (whichever divides H).
+  const float* probs = w.scores.data();
+  if (h % (4 * kLanes) == 0) {
+    WeightedValues<4>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+  } else if (h % (2 * kLanes) == 0) {
+    WeightedValues<2>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+  } else {
+    WeightedValues<1>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+  }
+}
+
 // The G query heads of kv head `kh` at query position i of batch row b.
 void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
   const int64_t h = p.h, s_pad = p.s_pad;
@@ -169,51 +237,25 @@ void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
   }
   for (int64_t r0 = 0; r0 < p.group; r0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, p.group - r0);
-    float* out = p.out + ((b * p.t + i) * p.heads + kh * p.group + r0) * h;
+    const int64_t first = ((b * p.t + i) * p.heads + kh * p.group + r0) * h;  // element offset
+    float* out = p.bf16 ? w.outs.data() : static_cast<float*>(p.out) + first;
     if (!any) {
       std::fill(out, out + rows * h, 0.0f);
-      continue;
-    }
-    const float* q[kRows];  // rows past `rows` repeat the last one; their results are dropped
-    for (int r = 0; r < kRows; ++r) {
-      q[r] = p.q + ((b * p.t + i) * p.heads + kh * p.group + r0 + std::min<int64_t>(r, rows - 1)) * h;
-    }
-    // 1. scale * q . k for kRows heads x kKeyBlock keys at a time; the last block only as many
-    //    vectors as the keys need.
-    for (int64_t j0 = 0; j0 < keys_pad; j0 += kKeyBlock) {
-      switch (std::min<int64_t>(kKeyBlock, keys_pad - j0) / kLanes) {
-        case 4: Scores<4>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
-        case 3: Scores<3>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
-        case 2: Scores<2>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0); break;
-        default: Scores<1>(q, w.kt.data() + j0, s_pad, h, p.scale, w.scores.data() + j0);
-      }
-    }
-    // 2. Unnormalised probabilities exp(x - max) over the allowed keys, and 1 / their sum.
-    float inv_sum[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      float* row = w.scores.data() + r * s_pad;
-      vf m = Splat(-INFINITY);
-      for (int64_t j = 0; j < keys_pad; j += kLanes) {
-        const vf x = Load(allowed + j) != 0.0f ? Load(row + j) : Splat(-INFINITY);
-        m = m > x ? m : x;
-      }
-      const float row_max = MaxOf(m);
-      vf sum = {};
-      for (int64_t j = 0; j < keys_pad; j += kLanes) {
-        const vf e = Exp(Load(row + j) - row_max) * Load(allowed + j);
-        Store(row + j, e);
-        sum += e;
-      }
-      inv_sum[r] = 1.0f / SumOf(sum);  // >= 1: the maximum's own term is exp(0)
-    }
-    // 3. out = P V / sum, in blocks of 4, 2 or 1 vectors of features (whichever divides H).
-    const float* probs = w.scores.data();
-    if (h % (4 * kLanes) == 0) {
-      WeightedValues<4>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
-    } else if (h % (2 * kLanes) == 0) {
-      WeightedValues<2>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
     } else {
-      WeightedValues<1>(probs, s_pad, w.vv.data(), h, keys, rows, inv_sum, out);
+      const float* q[kRows];  // rows past `rows` repeat the last one; their results are dropped
+      if (p.bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(p.q) + first;
+        for (int64_t e = 0; e < rows * h; ++e) w.qs[e] = FromBf16(src[e]);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = std::min<int64_t>(r, rows - 1) * h;
+        q[r] = p.bf16 ? w.qs.data() + row : static_cast<const float*>(p.q) + first + row;
+      }
+      RowBlock(q, w, h, s_pad, keys, keys_pad, rows, p.scale, out);
+    }
+    if (p.bf16) {
+      uint16_t* dst = static_cast<uint16_t*>(p.out) + first;
+      for (int64_t e = 0; e < rows * h; ++e) dst[e] = ToBf16(out[e]);
     }
   }
 }
@@ -250,9 +292,15 @@ void Work(const Problem& p, Queue& queue, int64_t chunks, int64_t tasks) {
   }
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
-                     ffi::ResultBuffer<ffi::F32> out, bool causal, bool has_mask, float scale) {
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out, bool causal,
+                     bool has_mask, float scale) {
+  const ffi::DataType dtype = q.element_type();
+  if ((dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) ||
+      k.element_type() != dtype || v.element_type() != dtype || out->element_type() != dtype) {
+    return ffi::Error::InvalidArgument(
+        "cpu attention: q, k, v and the result must all be float32 or all bfloat16");
+  }
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument("cpu attention: q, k and v must be rank 4");
@@ -269,9 +317,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     }
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ffi::Error::Success();
-  const Problem p{q.typed_data(), k.typed_data(), v.typed_data(),
-                  has_mask ? mask.typed_data() : nullptr, out->typed_data(),
-                  b, t, s, n, kv, h, n / kv, (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock,
+  const Problem p{q.untyped_data(), k.untyped_data(), v.untyped_data(),
+                  has_mask ? mask.typed_data() : nullptr, out->untyped_data(),
+                  dtype == ffi::DataType::BF16, b, t, s, n, kv, h, n / kv, (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock,
                   scale, causal};
   const int64_t chunks = (t + kChunk - 1) / kChunk, tasks = b * kv * chunks;
   auto queue = std::make_shared<Queue>();  // pool tasks may start after this call returns
@@ -293,11 +341,11 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NemotronCpuAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (empty if none)
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()          // q's dtype
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_mask")
                                   .Attr<float>("scale"));

@@ -1,4 +1,4 @@
-"""Fused float32 attention on the CPU: `attention(..., implementation="cpu")`.
+"""Fused attention on the CPU: `attention(..., implementation="cpu")`, float32 or bfloat16.
 
 The forward is one XLA FFI custom call into a small C++ handler (`cpu.cc`, compiled on first use
 with `-O3 -march=native` and cached; `nemotron_jax.kernels.ffi_build`). It follows the masking
@@ -65,7 +65,7 @@ def _fused(q, k, v, mask, causal, scale):
     has_mask = mask is not None
     mask = mask.astype(bool) if has_mask else jnp.zeros((0,), bool)
     call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+        TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
     )
     out = call(q, k, v, mask, causal=causal, has_mask=has_mask, scale=np.float32(scale))
     return out[..., :h] if pad else out
@@ -105,15 +105,17 @@ def cpu_attention(
 ) -> jax.Array:
     """`reference.attention_reference` with the same arguments, fused into one CPU call.
 
-    q [B, T, N, H], k and v [B, S, K, H], all float32 (ValueError otherwise: the handler computes
-    in float32 only). Returns [B, T, N, H] float32; rows with no visible key are 0. With
-    `causal=True` the keys after each query are skipped, not just masked.
+    q [B, T, N, H], k and v [B, S, K, H], all float32 or all bfloat16 (ValueError otherwise).
+    Returns [B, T, N, H] in q.dtype; rows with no visible key are 0. Scores, softmax and the
+    weighted sum are float32 in both cases; in bfloat16 the probabilities are not rounded to
+    bfloat16 before the weighted sum as the reference's are, so the result is as close or
+    closer to exact. With `causal=True` the keys after each query are skipped, not just masked.
     """
     reference.check_shapes(q, k, v)
     dtypes = {q.dtype, k.dtype, v.dtype}
-    if dtypes != {jnp.dtype(jnp.float32)}:
+    if len(dtypes) != 1 or q.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(
-            f"attention implementation 'cpu' computes in float32, got q/k/v dtypes "
+            f"attention implementation 'cpu' takes q, k and v all float32 or all bfloat16, got "
             f"{sorted(str(d) for d in dtypes)}; use implementation 'xla' for other dtypes"
         )
     b, t, _, h = q.shape
