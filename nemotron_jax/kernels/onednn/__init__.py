@@ -14,6 +14,9 @@ points at another oneDNN install (a prefix with `include/` and `lib/`).
 
 Single-device CPU only: the custom call has no partitioning rule, so the training loop refuses
 it on a mesh of more than one device (`nemotron_jax.train.loop.validate`).
+
+oneDNN's OpenMP runtime (libgomp.so.1) is the one torch loads too: in a process that runs both,
+torch's eager code slows down once oneDNN has run (docs/architecture.md); time torch elsewhere.
 """
 
 from __future__ import annotations
