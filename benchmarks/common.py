@@ -6,6 +6,7 @@ import argparse
 import datetime
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -23,20 +24,26 @@ def configure_host() -> None:
 
 
 class TorchProcess:
-    """Runs `serve(conn, *args)` in a spawned child process: the torch side of a benchmark.
+    """The torch side of a benchmark, in a spawned child process.
 
     Why a process of its own: torch and oneDNN (`matmul_impl="onednn"`) both link an OpenMP
     runtime with the soname libgomp.so.1, so in one process they share a single copy. Once
     oneDNN's products have run from XLA's threads, that copy manages more threads than there are
     cores and throttles its spin-waiting, and torch's eager code, which enters a parallel region
     per op, ran 10-25% slower on the 2-core machine (bf16 most). In its own process torch keeps
-    its own runtime. `serve` answers each message from `conn.recv()` with one `conn.send`, and
-    returns on ("stop",)."""
+    its own runtime; the parent should run no torch code at all.
 
-    def __init__(self, serve, *args):
+    The child applies `configure_host()` and `threads`, builds `handle = make_handler(*args)`,
+    then answers every `call(*message)` with `handle(*message)`. A handler that times itself
+    returns `(seconds, result)`, which `timed_alternating` reads as the call's time.
+    """
+
+    def __init__(self, make_handler, *args, threads: int | None = None):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=serve, args=(child, *args), daemon=True)
+        self._proc = ctx.Process(
+            target=_serve, args=(child, make_handler, args, threads), daemon=True
+        )
         self._proc.start()
 
     def call(self, *message):
@@ -44,8 +51,38 @@ class TorchProcess:
         return self._conn.recv()
 
     def close(self) -> None:
-        self._conn.send(("stop",))
+        self._conn.send(None)
         self._proc.join()
+
+
+def _serve(conn, make_handler, args, threads) -> None:
+    configure_host()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    handle = make_handler(*args)
+    while (message := conn.recv()) is not None:
+        conn.send(handle(*message))
+
+
+def timed_alternating(runs: dict, repeats: int, warmup: int = 0) -> dict:
+    """{name: (seconds per call, last result)} for `runs` ({name: fn}): each fn is called once
+    per round, in turn, so a busy spell on the machine slows all alike; the first `warmup` rounds
+    are not recorded. A fn that times itself returns (seconds, result) (`TorchProcess`)."""
+    times = {name: [] for name in runs}
+    outs = {}
+    for i in range(warmup + repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            out = fn()
+            elapsed = time.perf_counter() - t0
+            if isinstance(out, tuple):  # timed remotely
+                elapsed, out = out
+            outs[name] = out
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: (t, outs[name]) for name, t in times.items()}
 
 
 def host_settings() -> str:

@@ -39,6 +39,7 @@ from common import (  # benchmarks/common.py
     configure_host,
     machine,
     section_head,
+    timed_alternating,
 )
 
 from nemotron_jax.convert import load_hf
@@ -90,50 +91,27 @@ def hf_config(args: argparse.Namespace) -> transformers.LlamaConfig:
     )
 
 
-def timed_alternating(runs: dict, repeats: int) -> dict:
-    """{name: (best, median, last result)} in seconds for `runs` ({name: fn}), calling each fn
-    once per round in turn for `repeats` rounds, so a busy spell on the machine slows all alike.
-    A fn may time itself: then it returns (seconds, result)."""
-    times = {name: [] for name in runs}
-    outs = {}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            out = fn()
-            elapsed = time.perf_counter() - t0
-            if isinstance(out, tuple):  # timed remotely
-                elapsed, out = out
-            outs[name] = out
-            times[name].append(elapsed)
-    return {n: (min(t), statistics.median(t), outs[n]) for n, t in times.items()}
-
-
-def serve_torch(conn, hf_cfg, seed, hf_dir, tokens, mask, threads):
+def torch_handler(hf_cfg, seed, hf_dir, tokens, mask):
     """The torch side, in its own process (`common.TorchProcess`): ("build",) makes the random
     model and saves it to `hf_dir`; ("run", dtype) -> (seconds, None); ("logits", dtype) ->
-    float32 logits; ("stop",). The parent process never runs torch code, so its OpenMP runtime
-    is oneDNN's alone."""
-    configure_host()
-    if threads:
-        torch.set_num_threads(threads)
-    runners = {}
-    while True:
-        cmd, *rest = conn.recv()
-        if cmd == "stop":
-            return
+    float32 logits."""
+    models, runners = {}, {}
+
+    def handle(cmd, dtype=None):
         if cmd == "build":
             torch.manual_seed(seed)
-            model = transformers.LlamaForCausalLM(hf_cfg).eval()
-            model.save_pretrained(hf_dir)
-            conn.send(None)
-            continue
-        dtype = rest[0]
+            models["model"] = transformers.LlamaForCausalLM(hf_cfg).eval()
+            models["model"].save_pretrained(hf_dir)
+            return None
         if dtype not in runners:
-            runners[dtype] = torch_runner(copy.deepcopy(model), tokens, mask, getattr(torch, dtype))
+            model = copy.deepcopy(models["model"])
+            runners[dtype] = torch_runner(model, tokens, mask, getattr(torch, dtype))
         t0 = time.perf_counter()
         out = runners[dtype]()
         elapsed = time.perf_counter() - t0
-        conn.send((elapsed, None) if cmd == "run" else out.float().numpy())
+        return (elapsed, None) if cmd == "run" else out.float().numpy()
+
+    return handle
 
 
 def torch_runner(model, tokens, mask, dtype):
@@ -185,7 +163,7 @@ def main() -> None:
     # torch runs in a child process (common.TorchProcess), which also builds the model.
     tmp = tempfile.TemporaryDirectory()
     torch_process = TorchProcess(
-        serve_torch, hf_cfg, args.seed, tmp.name, tokens, mask, args.torch_threads
+        torch_handler, hf_cfg, args.seed, tmp.name, tokens, mask, threads=args.torch_threads
     )
     torch_process.call("build")
     config, params = load_hf(tmp.name)
@@ -208,7 +186,10 @@ def main() -> None:
         runs["torch"]()  # the first call converts and warms the child's model
         for case in cases:
             runs[case] = jax_runner(config, params, tokens, mask, name, *case)
-        timings = timed_alternating(runs, args.repeats)
+        timings = {
+            name: (min(t), statistics.median(t), out)
+            for name, (t, out) in timed_alternating(runs, args.repeats).items()
+        }
         tb, tm, _ = timings.pop("torch")
         torch_logits[name] = torch_process.call("logits", name)
         for (impl, logits_dtype, attention), (jb, jm, out) in timings.items():

@@ -41,6 +41,7 @@ from common import (  # benchmarks/common.py
     configure_host,
     machine,
     section_head,
+    timed_alternating,
 )
 
 from nemotron_jax.convert import load_hf
@@ -122,41 +123,37 @@ def torch_step_fn(model, pairs: int, autocast: bool):
     return step
 
 
-def serve_torch(conn, cfg, seed, out_dir, tokens, strength, threads):
+def torch_handler(cfg, seed, out_dir, tokens, strength):
     """The torch side, in its own process (`common.TorchProcess`). ("build",) makes the random
     models, saves the causal LM to `out_dir` and returns the score row; ("setup", dtype) resets
-    the weights and optimizer and returns the first step's loss; ("run",) -> (seconds, None).
-    The parent process never runs torch code, so its OpenMP runtime is oneDNN's alone."""
-    configure_host()
-    if threads:
-        torch.set_num_threads(threads)
+    the weights and optimizer and returns the first step's loss; ("run",) -> (seconds, None)."""
     pairs = tokens.shape[0]
     batch = [
         torch.from_numpy(x.reshape(2 * pairs, -1)).long() for x in (tokens, np.ones_like(tokens))
     ]
     batch.append(torch.from_numpy(strength))
-    while True:
-        cmd, *rest = conn.recv()
-        if cmd == "stop":
-            return
+    state = {}
+
+    def handle(cmd, dtype=None):
         if cmd == "build":
             torch.manual_seed(seed)
             causal = transformers.LlamaForCausalLM(cfg)
             causal.save_pretrained(out_dir)
             model = transformers.LlamaForSequenceClassification(cfg)
             model.model.load_state_dict(causal.model.state_dict())
-            del causal
-            init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            conn.send(model.score.weight.detach().numpy()[0])
-        elif cmd == "setup":  # every dtype starts from the same weights
-            model.load_state_dict(init_state)
-            model.train()
-            step = torch_step_fn(model, pairs, autocast=rest[0] == "bfloat16")
-            conn.send(step(*batch))
-        else:
-            t0 = time.perf_counter()
-            step(*batch)
-            conn.send((time.perf_counter() - t0, None))
+            state["model"] = model
+            state["init"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return model.score.weight.detach().numpy()[0]
+        if cmd == "setup":  # every dtype starts from the same weights
+            state["model"].load_state_dict(state["init"])
+            state["model"].train()
+            state["step"] = torch_step_fn(state["model"], pairs, autocast=dtype == "bfloat16")
+            return state["step"](*batch)
+        t0 = time.perf_counter()
+        state["step"](*batch)
+        return time.perf_counter() - t0, None
+
+    return handle
 
 
 def jax_step_fn(config, params, dtype: str, matmul_impl: str):
@@ -195,14 +192,9 @@ def bench(torch_process, config, params, batch, dtype, args):
             jax.block_until_ready((box["state"], m))  # dispatch is asynchronous
 
         runs[f"jax/{impl}"] = run_jax
-    times = {name: [] for name in runs}
-    for i in range(args.repeats + 1):  # alternated, so a busy spell slows all alike
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            out = run()
-            elapsed = out[0] if isinstance(out, tuple) else time.perf_counter() - t0
-            if i:  # the first round warms up allocators and kernel selection
-                times[name].append(elapsed)
+    # The first round warms up allocators and kernel selection.
+    timed = timed_alternating(runs, args.repeats, warmup=1)
+    times = {name: t for name, (t, _) in timed.items()}
     return times, compile_s, losses
 
 
@@ -220,7 +212,7 @@ def main() -> None:
     # torch steps in a child process (common.TorchProcess), which also builds the models.
     tmp = tempfile.TemporaryDirectory()
     torch_process = TorchProcess(
-        serve_torch, cfg, args.seed, tmp.name, tokens, strength, args.torch_threads
+        torch_handler, cfg, args.seed, tmp.name, tokens, strength, threads=args.torch_threads
     )
     score_row = torch_process.call("build")
     config, backbone = load_hf(tmp.name)

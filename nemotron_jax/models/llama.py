@@ -389,26 +389,14 @@ def make_attention_mask(
     return causal & kv_valid[:, None, :].astype(bool)
 
 
-def _fused_attention(q, k, v, segment_ids, impl):
-    """A Pallas or cuDNN attention call; under a (data, fsdp, tensor) mesh it runs per shard in
+def _fused_attention(q, k, v, impl, **kwargs):
+    """A kernel attention call (Pallas, cuDNN or the fused CPU kernel; `kwargs` as
+    `kernel_attention` takes them); under a (data, fsdp, tensor) mesh it runs per shard in
     `shard_map`, since GSPMD would otherwise replicate an opaque kernel call."""
     mesh = sharding.active_mesh()
     if mesh is not None:
-        return attention_sharded(
-            q, k, v, mesh=mesh, segment_ids=segment_ids, causal=True, implementation=impl
-        )
-    return kernel_attention(q, k, v, segment_ids=segment_ids, causal=True, implementation=impl)
-
-
-def _cpu_attention(q, k, v, mask, index_causal):
-    """The fused CPU kernel (`kernels/attention/cpu.py`); per shard under a mesh. The [B, T, S]
-    mask already holds causality by position; `causal=index_causal` lets the kernel skip the keys
-    after each query when positions are indices (as `block_causal_attention` does)."""
-    mesh = sharding.active_mesh()
-    kwargs = dict(mask=mask, causal=index_causal, implementation="cpu")
-    if mesh is not None:
-        return attention_sharded(q, k, v, mesh=mesh, **kwargs)
-    return kernel_attention(q, k, v, **kwargs)
+        return attention_sharded(q, k, v, mesh=mesh, implementation=impl, **kwargs)
+    return kernel_attention(q, k, v, implementation=impl, **kwargs)
 
 
 def resolve_attention_impl(config: LlamaConfig) -> str:
@@ -637,13 +625,19 @@ class Attention(nn.Module):
         if cfg.matmul_impl == "onednn" and cfg.dtype != "float32":
             attend = _onednn_attention
         if impl == "cpu":
-            out = _cpu_attention(q, key, value.astype(dtype), mask, index_causal)
+            # The [B, T, S] mask holds causality by position; `causal=index_causal` lets the
+            # kernel skip the keys after each query when positions are indices.
+            out = _fused_attention(
+                q, key, value.astype(dtype), impl, mask=mask, causal=index_causal
+            )
         elif impl == "xla" and index_causal:
             out = block_causal_attention(q, key, value.astype(dtype), mask, attend=attend)
         elif impl == "xla":  # the [B, T, S] mask already carries causality by position
             out = attend(q, key, value.astype(dtype), mask)
         else:  # fused kernels take padding as segment ids and causality by index
-            out = _fused_attention(q, key, value.astype(dtype), segment_ids, impl)
+            out = _fused_attention(
+                q, key, value.astype(dtype), impl, segment_ids=segment_ids, causal=True
+            )
         return _dot("BTNH,NHD->BTD", out, wo, dtype, cfg.matmul_impl), None
 
 
