@@ -31,6 +31,7 @@ from nemotron_jax import sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.kernels.attention import attention as kernel_attention
 from nemotron_jax.kernels.attention import attention_sharded
+from nemotron_jax.kernels.attention.reference import apply_rope
 from nemotron_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -357,15 +358,6 @@ def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, 
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, H] rotated by position; computed in float32, returned in x.dtype."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
-
-
 # --- masks and positions -------------------------------------------------------------------
 
 
@@ -489,6 +481,44 @@ def _dot(eq: str, x: jax.Array, w: jax.Array, dtype, impl: str = "xla") -> jax.A
     return y.reshape(b, t, *w.shape[n_contract:])
 
 
+def _silu_times(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """SwiGLU's silu(gate) * up, in float32 and rounded once to dtype: on XLA:CPU a bf16
+    silu * up is twice as slow (0.72 against 0.35 ms for [1024, 768]) as well as rounded twice."""
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _onednn_swiglu(x: jax.Array, w_gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """silu(x [Z, D] @ w_gate [D, F]) * up [Z, F] -> [Z, F] in dtype, as one oneDNN call whose
+    post-ops apply silu and the product to the float32 accumulators (`onednn.matmul`'s
+    `silu_times`): the gate is neither rounded nor written to memory, and no separate
+    elementwise pass runs (in bf16 that pass took 0.4 of a layer's 3.5 ms).
+
+    This fused call is the inference path. Differentiating runs the unfused one instead (the
+    gate product, then `_silu_times`), which keeps the gate for the backward; its value rounds
+    the gate to dtype first, so the two differ by at most that rounding.
+    """
+    from nemotron_jax.kernels import onednn  # lazy: builds the handler on first use
+
+    xc, wc = x.astype(dtype), w_gate.astype(dtype)
+    return onednn.matmul(xc, wc, out_dtype=dtype, silu_times=up.astype(dtype))
+
+
+def _swiglu_unfused(x, w_gate, up, dtype):
+    return _silu_times(_matmul(x, w_gate, dtype, "onednn"), up, dtype)
+
+
+def _onednn_swiglu_fwd(x, w_gate, up, dtype):
+    return jax.vjp(functools.partial(_swiglu_unfused, dtype=dtype), x, w_gate, up)
+
+
+def _onednn_swiglu_bwd(dtype, vjp, g):
+    return vjp(g)
+
+
+_onednn_swiglu.defvjp(_onednn_swiglu_fwd, _onednn_swiglu_bwd)
+
+
 class RMSNorm(nn.Module):
     """HF's LlamaRMSNorm: statistics in float32, cast back to the input dtype, then scaled."""
 
@@ -599,9 +629,12 @@ class Attention(nn.Module):
         wv = self.param("v_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
         wo = self.param("o_proj", _init(("q_heads", "head_dim", "embed")), (n, h, d), pdtype)
 
-        q = apply_rope(_dot("BTD,DNH->BTNH", x, wq, dtype, cfg.matmul_impl), cos, sin)
-        key = apply_rope(_dot("BSD,DKH->BSKH", x, wk, dtype, cfg.matmul_impl), cos, sin)
+        q = _dot("BTD,DNH->BTNH", x, wq, dtype, cfg.matmul_impl)
+        key = _dot("BSD,DKH->BSKH", x, wk, dtype, cfg.matmul_impl)
         value = _dot("BSD,DKH->BSKH", x, wv, dtype, cfg.matmul_impl)
+        impl = resolve_attention_impl(cfg) if kv_cache is None else "xla"
+        if impl != "cpu":  # the "cpu" kernel rotates q and k itself, as it loads them
+            q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         if kv_cache is not None:
 
@@ -617,7 +650,6 @@ class Attention(nn.Module):
             # The fused kernels are causal by index; a cache needs causality by position.
             out = kernel_attention(q, key, value, mask=mask, causal=False)
             return _dot("BTNH,NHD->BTD", out, wo, dtype, cfg.matmul_impl), kv_cache
-        impl = resolve_attention_impl(cfg)
         # With matmul_impl "onednn" the XLA path's two batched products go through oneDNN too, in
         # 16-bit compute only: there it took 4% off the bf16 reward-step benchmark, while in
         # float32 XLA's own products were 2.5% faster.
@@ -628,7 +660,7 @@ class Attention(nn.Module):
             # The [B, T, S] mask holds causality by position; `causal=index_causal` lets the
             # kernel skip the keys after each query when positions are indices.
             out = _fused_attention(
-                q, key, value.astype(dtype), impl, mask=mask, causal=index_causal
+                q, key, value.astype(dtype), impl, mask=mask, causal=index_causal, rope=(cos, sin)
             )
         elif impl == "xla" and index_causal:
             out = block_causal_attention(q, key, value.astype(dtype), mask, attend=attend)
@@ -654,12 +686,14 @@ class MLP(nn.Module):
         w_gate = self.param("gate_proj", _init(("embed", "mlp")), (d, f), pdtype)
         w_up = self.param("up_proj", _init(("embed", "mlp")), (d, f), pdtype)
         w_down = self.param("down_proj", _init(("mlp", "embed")), (f, d), pdtype)
-        gate = _dot("BTD,DF->BTF", x, w_gate, dtype, cfg.matmul_impl)
         up = _dot("BTD,DF->BTF", x, w_up, dtype, cfg.matmul_impl)
-        # In float32, rounded once: on XLA:CPU a bf16 silu * up is twice as slow (0.72 against
-        # 0.35 ms for [1024, 768]) as well as rounded twice.
-        hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        hidden = constrain(hidden.astype(dtype), ("act_batch", "act_seq", "act_mlp"))
+        if cfg.matmul_impl == "onednn":  # the gate product, silu and * up in one call
+            b, t, _ = x.shape
+            hidden = _onednn_swiglu(x.reshape(b * t, d), w_gate, up.reshape(b * t, f), dtype)
+            hidden = hidden.reshape(b, t, f)
+        else:
+            hidden = _silu_times(_dot("BTD,DF->BTF", x, w_gate, dtype, "xla"), up, dtype)
+        hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
         return _dot("BTF,FD->BTD", hidden, w_down, dtype, cfg.matmul_impl)
 
 

@@ -283,6 +283,96 @@ def test_cpu_kernel_random_masks(case, dtype):
     assert _err(out, want) <= tol
 
 
+# FROZEN naive rotary embedding: features f and f + R/2 of the first R rotate as a pair by the
+# angle whose cos and sin the tables hold at f (HF's rotate-half layout), float32 throughout.
+def _naive_rope(x, cos, sin):
+    x = x.astype(jnp.float32)
+    r = cos.shape[-1]
+    lo, hi, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
+    c, s = cos[:, :, None], sin[:, :, None]
+    lo_c, hi_c, lo_s, hi_s = c[..., : r // 2], c[..., r // 2 :], s[..., : r // 2], s[..., r // 2 :]
+    return jnp.concatenate([lo * lo_c - hi * lo_s, hi * hi_c + lo * hi_s, rest], axis=-1)
+
+
+def _rope_tables(b, t, r, seed):
+    """cos, sin [B, T, R] for positions that restart per row (as left padding gives)."""
+    positions = np.arange(t)[None] - np.random.default_rng(seed).integers(0, 5, (b, 1))
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, r, 2) / r))
+    angles = np.maximum(positions, 0)[..., None] * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1).astype(np.float32)
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
+# name: (B, T, N, K, H, R, causal): R = H as in Llama (H = 40 is padded to 48 by the "cpu"
+# wrapper, the padding not rotated), and R < H (only the first R features rotate).
+ROPE_CASES = {
+    "g3_h40_causal": (2, 37, 6, 2, 40, 40, True),
+    "g4_h32_full": (2, 20, 8, 2, 32, 32, False),
+    "g1_h64_partial": (1, 70, 2, 2, 64, 16, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_rope_matches_rotating_first(implementation, case, dtype):
+    """`rope=(cos, sin)`: the "cpu" kernel rotates q and k as it loads them, the others rotate
+    first (`reference.apply_rope`); values and dq, dk, dv against the naive rotation followed by
+    the naive attention, with a random mask."""
+    b, t, n, k, h, r, causal = ROPE_CASES[case]
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, dtype, seed=11)
+    cos, sin = _rope_tables(b, t, r, seed=12)
+    mask = jnp.asarray(np.random.default_rng(13).random((b, t, t)) < 0.8)
+    fn = functools.partial(attention, mask=mask, causal=causal, implementation=implementation,
+                           rope=(cos, sin))  # fmt: skip
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    allowed = mask & _allowed(b, t, t, None, causal)
+
+    def want_fn(q, k, v):
+        return _naive(_naive_rope(q, cos, sin), _naive_rope(k, cos, sin), v, allowed, h**-0.5)
+
+    want, want_grads = _out_and_grads(want_fn, q, kk, v, cot)
+    tol, grad_tol = TOL[dtype]
+    errs = [_err(out, want)] + [_err(g, w) for g, w in zip(grads, want_grads, strict=True)]
+    print(f"{implementation} rope {case} {jnp.dtype(dtype).name}: out/dq/dk/dv err {errs}")
+    assert out.dtype == dtype and out.shape == (b, t, n, h)
+    assert errs[0] <= tol, errs
+    assert max(errs[1:]) <= grad_tol, errs
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_rope_sharded_on_eight_devices(implementation):
+    mesh = make_mesh((2, 2, 2))
+    b, t, n, k, h = 4, 24, 4, 2, 32
+    q, kk, v, cot = _inputs(b, t, t, n, k, h, jnp.float32, seed=14)
+    cos, sin = _rope_tables(b, t, h, seed=15)
+    fn = functools.partial(attention_sharded, mesh=mesh, implementation=implementation,
+                           rope=(cos, sin))  # fmt: skip
+    out, grads = _out_and_grads(fn, q, kk, v, cot)
+    allowed = _allowed(b, t, t, None, True)
+    want, want_grads = _out_and_grads(
+        lambda q, k, v: _naive(_naive_rope(q, cos, sin), _naive_rope(k, cos, sin), v, allowed,
+                               h**-0.5),
+        q, kk, v, cot,
+    )  # fmt: skip
+    assert _err(out, want) <= tolerances.ATTENTION_F32
+    for g, w in zip(grads, want_grads, strict=True):
+        assert _err(g, w) <= tolerances.ATTENTION_GRAD_F32
+
+
+def test_rope_errors():
+    q, kv = jnp.zeros((1, 8, 4, 16)), jnp.zeros((1, 8, 2, 16))
+    cos = jnp.zeros((1, 8, 16))
+    with pytest.raises(ValueError, match="rope must be a pair"):
+        attention(q, kv, kv, implementation="cpu", rope=cos)
+    with pytest.raises(ValueError, match=r"R even and <= H = 16"):
+        attention(q, kv, kv, implementation="cpu", rope=(cos[..., :5], cos[..., :5]))
+    with pytest.raises(ValueError, match=r"self-attention \(S == T = 8, got S = 9\)"):
+        longer = jnp.zeros((1, 9, 2, 16))
+        attention(q, longer, longer, implementation="xla", mask=jnp.ones((1, 8, 9), bool),
+                  rope=(cos, cos))  # fmt: skip
+
+
 def test_cpu_kernel_errors():
     q, kv = jnp.zeros((1, 8, 4, 16), jnp.float16), jnp.zeros((1, 8, 2, 16), jnp.float16)
     with pytest.raises(ValueError, match="'cpu' takes q, k and v all float32 or all bfloat16"):

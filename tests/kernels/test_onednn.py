@@ -66,6 +66,28 @@ def test_batched_matches_einsum(transpose_a, transpose_b):
         onednn.matmul(a, b[:2])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_silu_times_matches_xla(dtype, transpose_b):
+    """`silu_times`: SwiGLU's silu(a @ b) * m as oneDNN post-ops, against XLA (float32 silu of
+    the float32 product, times m, rounded once)."""
+    rng = np.random.default_rng(3)
+    m, k, n = 130, 72, 50
+    a = jnp.asarray(rng.normal(size=(m, k)) / 4, dtype)
+    b = jnp.asarray(rng.normal(size=(n, k) if transpose_b else (k, n)), dtype)
+    mul = jnp.asarray(rng.normal(size=(m, n)), dtype)
+    fn = functools.partial(onednn.matmul, out_dtype=dtype, transpose_b=transpose_b)
+    got = jax.jit(lambda a, b, mul: fn(a, b, silu_times=mul))(a, b, mul)
+    gate = jnp.dot(a, b.T if transpose_b else b, preferred_element_type=jnp.float32)
+    want = (jax.nn.silu(gate) * mul.astype(jnp.float32)).astype(dtype)
+    assert got.shape == (m, n) and got.dtype == jnp.dtype(dtype)
+    tol = tolerances.MATMUL_F32 if dtype == "float32" else tolerances.MATMUL_BF16
+    assert _rel_err(got, want) <= tol
+    assert np.array_equal(fn(a[:, :0], b[:, :0] if transpose_b else b[:0], silu_times=mul), 0 * mul)
+    with pytest.raises(ValueError, match=r"silu_times must be float32 or bfloat16 of the result's"):
+        fn(a, b, silu_times=mul[:, :3])
+
+
 def test_empty_contraction_and_rows():
     a, b = jnp.ones((3, 0), jnp.float32), jnp.ones((0, 4), jnp.float32)
     assert np.array_equal(jax.jit(onednn.matmul)(a, b), np.zeros((3, 4)))
@@ -173,6 +195,29 @@ def test_attention_matches_reference(dtype):
     assert _rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) <= tol
     for a, e in zip(g_got, g_want, strict=True):
         assert _rel_err(a, e) <= grad_tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inference_forward_fuses_swiglu(dtype):
+    """Not differentiated, each MLP runs its gate product, silu and * up as one oneDNN call
+    (`silu_times`); under `jax.grad` the unfused products run instead, for their residuals.
+    Logits of the fused forward against the XLA path's."""
+    config = _tiny(dtype=dtype, param_dtype=dtype)
+    params = init_params(config, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 17), 0, config.vocab_size)
+    mask = jnp.ones_like(tokens).at[2, 11:].set(0)
+    fused = config.replace(matmul_impl="onednn")
+
+    def forward(cfg):
+        return lambda p: Llama(cfg).apply({"params": p}, tokens, attention_mask=mask)
+
+    hlo = jax.jit(forward(fused)).lower(params).as_text()
+    assert onednn.SILU_MUL_TARGET in hlo
+    grad_hlo = jax.jit(jax.grad(lambda p: forward(fused)(p).astype(jnp.float32).sum()))
+    assert onednn.SILU_MUL_TARGET not in grad_hlo.lower(params).as_text()
+    got, want = jax.jit(forward(fused))(params), jax.jit(forward(config))(params)
+    tol = tolerances.MATMUL_F32 if dtype == "float32" else tolerances.BF16
+    assert _rel_err(got, want) <= tol
 
 
 def test_bf16_logits_through_onednn():

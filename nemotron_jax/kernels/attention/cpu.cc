@@ -4,7 +4,10 @@
 //   out[b, i, n, :] = sum_j p[j] v[b, j, n / G, :],   p = softmax_j(scale * q[b, i, n] . k[b, j, n / G])
 //
 // over the keys j that may be attended: mask[b, i, j] (when a mask is given) and, with `causal`,
-// j <= i. A row with no such key is 0. q [B, T, N, H], k and v [B, S, K, H] with N = K * G; the
+// j <= i. A row with no such key is 0. With rotary tables cos, sin [B, T, R] (self-attention,
+// S = T), q and k are first rotated by position in the rotate-half layout of Llama / HF, on their
+// first R features: x'[f] = x[f] cos[f] + (f < R/2 ? -x[f + R/2] : x[f - R/2]) sin[f]
+// (nemotron_jax/kernels/attention/reference.py, apply_rope), in float32 and not rounded. q [B, T, N, H], k and v [B, S, K, H] with N = K * G; the
 // head dim H is a multiple of 16 (the Python wrapper pads it). Semantics and masking rules are
 // those of nemotron_jax/kernels/attention/reference.py, the oracle this is tested against.
 //
@@ -104,16 +107,38 @@ inline uint16_t ToBf16(float f) {
 struct Problem {
   const void *q, *k, *v;  // float32, or bfloat16 when `bf16`
   const bool* mask;       // [B, T, S], or nullptr: every key may be attended
+  const float *cos, *sin; // [B, T, rope_dim] rotary tables; rope_dim 0: no rotation
   void* out;              // q's dtype
   bool bf16;
-  int64_t batch, t, s, heads, kv_heads, h, group, s_pad;
+  int64_t batch, t, s, heads, kv_heads, h, group, s_pad, rope_dim;
   float scale;
   bool causal;
 };
 
+// One row of h features of x (q or k) at element `offset`, as float32 in dst, rotated for
+// position `pos` of batch row b when the problem has rotary tables.
+void RowToFloat(const Problem& p, const void* x, int64_t offset, int64_t b, int64_t pos,
+                float* dst) {
+  if (p.bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(x) + offset;
+    for (int64_t f = 0; f < p.h; ++f) dst[f] = FromBf16(src[f]);
+  } else {
+    std::memcpy(dst, static_cast<const float*>(x) + offset, p.h * sizeof(float));
+  }
+  if (p.rope_dim == 0) return;
+  const int64_t r = p.rope_dim, half = r / 2, at = (b * p.t + pos) * r;
+  const float* c = p.cos + at;
+  const float* sn = p.sin + at;
+  for (int64_t f = 0; f < half; ++f) {  // features f and f + half rotate as a pair
+    const float lo = dst[f], hi = dst[f + half];
+    dst[f] = lo * c[f] - hi * sn[f];
+    dst[f + half] = hi * c[f + half] + lo * sn[f + half];
+  }
+}
+
 // Per-thread buffers; kt and vv hold one (batch, kv head)'s keys (transposed) and values.
 struct Scratch {
-  // qs and outs: one block of query rows and their results in float32 (bfloat16 inputs).
+  // qs and outs: one block of query rows (float32, rotated) and their results in float32.
   std::vector<float> kt, vv, scores, allowed, qs, outs;
   int64_t loaded = -1;  // which (batch * K + kv head) kt and vv hold
   explicit Scratch(const Problem& p)
@@ -129,10 +154,12 @@ struct Scratch {
     loaded = bk;
     const int64_t b = bk / p.kv_heads, kh = bk % p.kv_heads;
     std::fill(kt.begin(), kt.end(), 0.0f);  // padding keys score 0 and are masked out
+    float* key = outs.data();  // a free row of h floats while no query block is in flight
     for (int64_t j = 0; j < p.s; ++j) {
       const int64_t src = ((b * p.s + j) * p.kv_heads + kh) * p.h;
+      RowToFloat(p, p.k, src, b, j, key);
       for (int64_t f = 0; f < p.h; ++f) {
-        kt[f * p.s_pad + j] = At(p, p.k, src + f);
+        kt[f * p.s_pad + j] = key[f];
         vv[j * p.h + f] = At(p, p.v, src + f);
       }
     }
@@ -243,13 +270,13 @@ void Position(const Problem& p, Scratch& w, int64_t b, int64_t kh, int64_t i) {
       std::fill(out, out + rows * h, 0.0f);
     } else {
       const float* q[kRows];  // rows past `rows` repeat the last one; their results are dropped
-      if (p.bf16) {
-        const uint16_t* src = static_cast<const uint16_t*>(p.q) + first;
-        for (int64_t e = 0; e < rows * h; ++e) w.qs[e] = FromBf16(src[e]);
+      const bool copy = p.bf16 || p.rope_dim > 0;  // else the float32 rows are read in place
+      if (copy) {
+        for (int64_t r = 0; r < rows; ++r) RowToFloat(p, p.q, first + r * h, b, i, &w.qs[r * h]);
       }
       for (int r = 0; r < kRows; ++r) {
         const int64_t row = std::min<int64_t>(r, rows - 1) * h;
-        q[r] = p.bf16 ? w.qs.data() + row : static_cast<const float*>(p.q) + first + row;
+        q[r] = copy ? w.qs.data() + row : static_cast<const float*>(p.q) + first + row;
       }
       RowBlock(q, w, h, s_pad, keys, keys_pad, rows, p.scale, out);
     }
@@ -293,8 +320,9 @@ void Work(const Problem& p, Queue& queue, int64_t chunks, int64_t tasks) {
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                     ffi::Buffer<ffi::PRED> mask, ffi::Result<ffi::AnyBuffer> out, bool causal,
-                     bool has_mask, float scale) {
+                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> cos,
+                     ffi::Buffer<ffi::F32> sin, ffi::Result<ffi::AnyBuffer> out, bool causal,
+                     bool has_mask, bool has_rope, float scale) {
   const ffi::DataType dtype = q.element_type();
   if ((dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) ||
       k.element_type() != dtype || v.element_type() != dtype || out->element_type() != dtype) {
@@ -316,11 +344,22 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
       return ffi::Error::InvalidArgument("cpu attention: mask must be [B, T, S]");
     }
   }
+  int64_t rope_dim = 0;
+  if (has_rope) {
+    auto cd = cos.dimensions(), sd = sin.dimensions();
+    if (cd.size() != 3 || cd[0] != b || cd[1] != t || cd[2] % 2 != 0 || cd[2] > h || s != t ||
+        sd.size() != 3 || sd[0] != b || sd[1] != t || sd[2] != cd[2]) {
+      return ffi::Error::InvalidArgument(
+          "cpu attention: cos and sin must be [B, T, R] with R even, R <= H and S = T");
+    }
+    rope_dim = cd[2];
+  }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ffi::Error::Success();
   const Problem p{q.untyped_data(), k.untyped_data(), v.untyped_data(),
-                  has_mask ? mask.typed_data() : nullptr, out->untyped_data(),
-                  dtype == ffi::DataType::BF16, b, t, s, n, kv, h, n / kv, (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock,
-                  scale, causal};
+                  has_mask ? mask.typed_data() : nullptr,
+                  has_rope ? cos.typed_data() : nullptr, has_rope ? sin.typed_data() : nullptr,
+                  out->untyped_data(), dtype == ffi::DataType::BF16, b, t, s, n, kv, h, n / kv,
+                  (s + kKeyBlock - 1) / kKeyBlock * kKeyBlock, rope_dim, scale, causal};
   const int64_t chunks = (t + kChunk - 1) / kChunk, tasks = b * kv * chunks;
   auto queue = std::make_shared<Queue>();  // pool tasks may start after this call returns
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
@@ -345,7 +384,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NemotronCpuAttention, Attention,
                                   .Arg<ffi::AnyBuffer>()          // k
                                   .Arg<ffi::AnyBuffer>()          // v
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (empty if none)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos (empty if no rope)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin (empty if no rope)
                                   .Ret<ffi::AnyBuffer>()          // q's dtype
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_mask")
+                                  .Attr<bool>("has_rope")
                                   .Attr<float>("scale"));

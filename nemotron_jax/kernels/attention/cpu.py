@@ -56,38 +56,44 @@ def available() -> bool:
     return True
 
 
-def _fused(q, k, v, mask, causal, scale):
+def _fused(q, k, v, mask, rope, causal, scale):
     _register()
     h = q.shape[-1]
     pad = -h % _LANES  # zero features change no score and give zero outputs, sliced off below
-    if pad:
+    if pad:  # (the rotary tables cover the first features only; the padding is not rotated)
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (q, k, v))
-    has_mask = mask is not None
+    has_mask, has_rope = mask is not None, rope is not None
     mask = mask.astype(bool) if has_mask else jnp.zeros((0,), bool)
+    cos, sin = (x.astype(jnp.float32) for x in rope) if has_rope else (jnp.zeros((0,)),) * 2
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
     )
-    out = call(q, k, v, mask, causal=causal, has_mask=has_mask, scale=np.float32(scale))
+    out = call(q, k, v, mask, cos, sin, causal=causal, has_mask=has_mask, has_rope=has_rope,
+               scale=np.float32(scale))  # fmt: skip
     return out[..., :h] if pad else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, causal, scale):
-    return _fused(q, k, v, mask, causal, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, rope, causal, scale):
+    return _fused(q, k, v, mask, rope, causal, scale)
 
 
-def _attention_fwd(q, k, v, mask, causal, scale):
-    return _fused(q, k, v, mask, causal, scale), (q, k, v, mask)
+def _attention_fwd(q, k, v, mask, rope, causal, scale):
+    return _fused(q, k, v, mask, rope, causal, scale), (q, k, v, mask, rope)
 
 
 def _attention_bwd(causal, scale, residuals, g):
-    q, k, v, mask = residuals
+    q, k, v, mask, rope = residuals
 
     def plain(q, k, v):
+        if rope is not None:
+            q, k = (reference.apply_rope(x, *rope) for x in (q, k))
         return reference.attention_reference(q, k, v, mask=mask, causal=causal, sm_scale=scale)
 
     _, vjp = jax.vjp(plain, q, k, v)
-    return (*vjp(g), None)  # the mask is boolean: no cotangent
+    # The mask is boolean and the rotary tables are functions of positions: no cotangents.
+    no_rope = None if rope is None else jax.tree.map(jnp.zeros_like, rope)
+    return (*vjp(g), None, no_rope)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -102,8 +108,13 @@ def cpu_attention(
     mask: jax.Array | None = None,
     causal: bool = True,
     sm_scale: float | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """`reference.attention_reference` with the same arguments, fused into one CPU call.
+
+    With `rope` (cos, sin: float32 [B, T, R], self-attention) q and k are rotated first, as
+    `reference.apply_rope` does, but as the kernel loads them: in float32, never rounded to
+    bfloat16 and never written back to memory.
 
     q [B, T, N, H], k and v [B, S, K, H], all float32 or all bfloat16 (ValueError otherwise).
     Returns [B, T, N, H] in q.dtype; rows with no visible key are 0. Scores, softmax and the
@@ -118,6 +129,9 @@ def cpu_attention(
             f"attention implementation 'cpu' takes q, k and v all float32 or all bfloat16, got "
             f"{sorted(str(d) for d in dtypes)}; use implementation 'xla' for other dtypes"
         )
+    if rope is not None:
+        reference.check_rope(q, k, rope)
+        rope = tuple(rope)
     b, t, _, h = q.shape
     scale = 1.0 / math.sqrt(h) if sm_scale is None else float(sm_scale)
     if segment_ids is not None or mask is not None:
@@ -125,4 +139,4 @@ def cpu_attention(
         mask = reference.build_mask(
             b, t, k.shape[1], segment_ids=segment_ids, mask=mask, causal=False
         )
-    return _attention(q, k, v, mask, causal, scale)
+    return _attention(q, k, v, mask, rope, causal, scale)

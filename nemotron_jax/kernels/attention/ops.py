@@ -8,9 +8,10 @@ Implementations:
     supported head_dim (JAX raises otherwise). Fully masked rows are zeroed after the call.
   * "pallas": the Triton flash-attention kernels in `pallas_gpu.py` (GPU only).
   * "pallas_interpret": the same kernels in the Pallas interpreter (CPU tests; slow).
-  * "cpu": `cpu.cpu_attention`, a fused float32 C++ kernel through XLA FFI (CPU backend only;
-    compiled on first use). Takes `mask` and `segment_ids` like "xla"; its gradient is the
-    reference's, recomputed.
+  * "cpu": `cpu.cpu_attention`, a fused C++ kernel through XLA FFI (CPU backend only;
+    compiled on first use). Takes `mask` and `segment_ids` like "xla", and applies `rope` itself
+    (the other implementations rotate q and k with `reference.apply_rope` first); its gradient
+    is the reference's, recomputed.
 The Pallas paths support `segment_ids` but not an arbitrary `mask` (ValueError).
 """
 
@@ -66,6 +67,7 @@ def attention(
     implementation: str = "xla",
     block_sizes: pallas_gpu.BlockSizes | None = None,
     sm_scale: float | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Multi-head (GQA) softmax attention with float32 statistics.
 
@@ -80,6 +82,10 @@ def attention(
         implementation: one of `IMPLEMENTATIONS`.
         block_sizes: Pallas tiles (`BlockSizes`); ignored by "xla" and "cudnn".
         sm_scale: score scale; defaults to 1/sqrt(H).
+        rope: optional rotary tables (cos, sin), float32 [B, T, R] each, for self-attention
+            (S == T): q and k are rotated by position first (`reference.apply_rope`). The "cpu"
+            kernel rotates them as it loads them, in float32, so the rotated q and k are never
+            rounded to a 16-bit dtype or written to memory.
 
     Returns:
         [B, T, N, H] in q.dtype. Rows with no visible key are 0.
@@ -88,6 +94,11 @@ def attention(
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if segment_ids is not None and mask is not None:
         raise ValueError("pass at most one of segment_ids and mask")
+    if rope is not None:
+        reference.check_rope(q, k, rope)
+        if implementation != "cpu":
+            q, k = (reference.apply_rope(x, *rope) for x in (q, k))
+            rope = None
     if implementation == "xla":
         return reference.attention_reference(
             q, k, v, segment_ids=segment_ids, mask=mask, causal=causal, sm_scale=sm_scale
@@ -96,8 +107,9 @@ def attention(
         from nemotron_jax.kernels.attention import cpu  # lazy: builds the handler on first use
 
         return cpu.cpu_attention(
-            q, k, v, segment_ids=segment_ids, mask=mask, causal=causal, sm_scale=sm_scale
-        )
+            q, k, v, segment_ids=segment_ids, mask=mask, causal=causal, sm_scale=sm_scale,
+            rope=rope,
+        )  # fmt: skip
     reference.check_shapes(q, k, v)
     if implementation == "cudnn":
         return _cudnn_attention(
@@ -138,6 +150,7 @@ def attention_sharded(
     mesh: Mesh,
     segment_ids: jax.Array | None = None,
     mask: jax.Array | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
     batch_axes: str | Sequence[str] | None = ("data", "fsdp"),
     head_axis: str | None = "tensor",
     **kwargs,
@@ -155,6 +168,7 @@ def attention_sharded(
         mesh: the device mesh.
         segment_ids: optional int [B, T].
         mask: optional bool [B, T, S].
+        rope: optional rotary tables (cos, sin), float32 [B, T, R] each.
         batch_axes: mesh axes splitting B (None: replicated).
         head_axis: mesh axis splitting N and K (None: replicated).
         **kwargs: passed to `attention` (causal, implementation, block_sizes, sm_scale).
@@ -179,12 +193,16 @@ def attention_sharded(
     if mask is not None:
         extras.append(mask)
         extra_specs.append(P(batch, None, None))
+    if rope is not None:
+        extras.extend(rope)
+        extra_specs.extend([P(batch, None, None)] * 2)
 
     def shard_fn(q, k, v, *extra):
         extra = list(extra)
         seg = extra.pop(0) if segment_ids is not None else None
         msk = extra.pop(0) if mask is not None else None
-        return attention(q, k, v, segment_ids=seg, mask=msk, **kwargs)
+        tables = (extra.pop(0), extra.pop(0)) if rope is not None else None
+        return attention(q, k, v, segment_ids=seg, mask=msk, rope=tables, **kwargs)
 
     return jax.shard_map(
         shard_fn,

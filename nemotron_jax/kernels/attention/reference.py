@@ -69,6 +69,37 @@ def build_mask(
     return out
 
 
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary position embedding in the rotate-half layout (Llama, HF): x [B, T, heads, H]
+    rotated by the tables cos, sin [B, T, R] on its first R features (R = H for Llama); computed
+    in float32, returned in x.dtype."""
+    r = cos.shape[-1]
+    xf = x.astype(jnp.float32)
+    xr, rest = xf[..., :r], xf[..., r:]
+    half = r // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = xr * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    if rest.shape[-1]:
+        out = jnp.concatenate([out, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+def check_rope(q: jax.Array, k: jax.Array, rope) -> None:
+    """Validates rotary tables (cos, sin) for self-attention: each float32 [B, T, R], R even
+    and at most H, and S == T."""
+    if not (isinstance(rope, tuple | list) and len(rope) == 2):
+        raise ValueError("rope must be a pair (cos, sin)")
+    cos, sin = rope
+    b, t, _, h = q.shape
+    ok = cos.shape == sin.shape and cos.ndim == 3 and cos.shape[:2] == (b, t)
+    if not ok or cos.shape[-1] % 2 or cos.shape[-1] > h or k.shape[1] != t:
+        raise ValueError(
+            f"rope tables must be two [B, T, R] = [{b}, {t}, R] arrays with R even and <= H = "
+            f"{h}, for self-attention (S == T = {t}, got S = {k.shape[1]}); got cos "
+            f"{cos.shape}, sin {sin.shape}"
+        )
+
+
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> int:
     """Validates q [B, T, N, H], k/v [B, S, K, H] with N % K == 0; returns G = N // K."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:

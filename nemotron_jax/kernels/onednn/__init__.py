@@ -35,6 +35,7 @@ import numpy as np
 from nemotron_jax.kernels.ffi_build import HandlerUnavailable, build_handler
 
 TARGET = "nemotron_onednn_matmul"
+SILU_MUL_TARGET = "nemotron_onednn_matmul_silu_mul"
 _SOURCE = pathlib.Path(__file__).with_name("matmul.cc")
 _INSTALL_HINT = "install it with: pip install 'nemotron_jax[onednn]' (Linux x86_64)"
 
@@ -79,6 +80,9 @@ def _register() -> None:
         )
     lib = ctypes.cdll.LoadLibrary(str(_build(_onednn_root())))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NemotronOnednnMatmul), "cpu")
+    jax.ffi.register_ffi_target(
+        SILU_MUL_TARGET, jax.ffi.pycapsule(lib.NemotronOnednnMatmulSiluMul), "cpu"
+    )
 
 
 def available() -> bool:
@@ -97,6 +101,7 @@ def matmul(
     out_dtype=jnp.float32,
     transpose_a: bool = False,
     transpose_b: bool = False,
+    silu_times: jax.Array | None = None,
 ) -> jax.Array:
     """op(a) [M, K] @ op(b) [K, N] -> [M, N] in `out_dtype`, accumulated in float32; or, for 3-D
     operands, the same for every index of their shared leading batch axis -> [Z, M, N].
@@ -104,6 +109,11 @@ def matmul(
     a and b: both float32 or both bfloat16; op transposes the last two axes when `transpose_a` /
     `transpose_b` (no copy is made). Not differentiable by itself: `models.llama._matmul` and
     `attention` below give it custom gradients built from the same call.
+
+    With `silu_times` (float32 or bfloat16, the result's shape) it returns
+    silu(op(a) @ op(b)) * silu_times instead: SwiGLU's hidden activation, silu and the product
+    applied by oneDNN to the float32 accumulators (post-ops), rounded once, the pre-activation
+    never written to memory.
     """
     _register()
     if a.ndim != b.ndim or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[0] != b.shape[0]):
@@ -125,10 +135,19 @@ def matmul(
                          f"transpose_a={transpose_a}, transpose_b={transpose_b})")  # fmt: skip
     # oneDNN has no float32 x float32 -> bfloat16 kernel: round the float32 result instead.
     call_dtype = jnp.float32 if a.dtype == jnp.float32 else out_dtype
-    call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((*batch, m, n), call_dtype), vmap_method="sequential"
+    result = jax.ShapeDtypeStruct((*batch, m, n), call_dtype)
+    flags = dict(transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
+    if silu_times is None:
+        y = jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")(a, b, **flags)
+        return y.astype(out_dtype)
+    if silu_times.shape != result.shape or silu_times.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(
+            f"onednn.matmul: silu_times must be float32 or bfloat16 of the result's shape "
+            f"{result.shape}, got {silu_times.dtype}{list(silu_times.shape)}"
+        )
+    y = jax.ffi.ffi_call(SILU_MUL_TARGET, result, vmap_method="sequential")(
+        a, b, silu_times, **flags
     )
-    y = call(a, b, transpose_a=np.bool_(transpose_a), transpose_b=np.bool_(transpose_b))
     return y.astype(out_dtype)
 
 
