@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import statistics
 import tempfile
@@ -63,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed steps per case")
     p.add_argument("--dtypes", default="float32,bfloat16")
     add_matmul_args(p)
+    p.add_argument(
+        "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
+        help="LlamaConfig.attention_impl values, one jax row each per matmul_impl ('cpu', the "
+        "fused CPU kernel and the CPU default, is skipped if it cannot be built here)",
+    )  # fmt: skip
     p.add_argument("--peak-f32", type=float, default=190.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--peak-bf16", type=float, default=350.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--seed", type=int, default=0)
@@ -156,12 +162,13 @@ def torch_handler(cfg, seed, out_dir, tokens, strength):
     return handle
 
 
-def jax_step_fn(config, params, dtype: str, matmul_impl: str):
+def jax_step_fn(config, params, dtype: str, matmul_impl: str, attention_impl: str):
     # Layers fully unrolled (in a training config: model.overrides.scan_unroll): at 4 small
     # layers on CPU this is ~10% faster than the rolled scan (unroll 2 gains nothing).
     config = config.replace(
-        dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers, matmul_impl=matmul_impl
-    )
+        dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers,
+        matmul_impl=matmul_impl, attention_impl=attention_impl,
+    )  # fmt: skip
     model = RewardModel(config)
     apply = lambda p, b: model.apply({"params": p}, b["tokens"], attention_mask=b["attention_mask"])
     optim = {**OPTIM, "warmup_steps": 0, "schedule": "constant", "min_lr": 0.0}
@@ -174,16 +181,17 @@ def jax_step_fn(config, params, dtype: str, matmul_impl: str):
 
 
 def bench(torch_process, config, params, batch, dtype, args):
-    """Step times per framework ("torch", "jax/<matmul_impl>"), jax compile seconds and the
-    first-step losses."""
+    """Step times per framework ("torch", "jax/<matmul_impl>/<attention_impl>"), jax compile
+    seconds and the first-step losses."""
     runs, losses, compile_s = {"torch": functools.partial(torch_process.call, "run")}, {}, {}
     losses["torch"] = torch_process.call("setup", dtype)
-    for impl in args.matmul_impls:
-        jstep, state = jax_step_fn(config, params, dtype, impl)
+    for impl, attention in itertools.product(args.matmul_impls, args.attention_impls):
+        name = f"jax/{impl}/{attention}"
+        jstep, state = jax_step_fn(config, params, dtype, impl, attention)
         t0 = time.perf_counter()
         state, metrics = jstep(state, batch)
-        losses[f"jax/{impl}"] = float(metrics["loss"][0]) / float(metrics["loss"][1])
-        compile_s[impl] = time.perf_counter() - t0
+        losses[name] = float(metrics["loss"][0]) / float(metrics["loss"][1])
+        compile_s[name] = time.perf_counter() - t0
 
         box = {"state": state}  # the step donates its state: keep the newest
 
@@ -191,7 +199,7 @@ def bench(torch_process, config, params, batch, dtype, args):
             box["state"], m = jstep(box["state"], batch)
             jax.block_until_ready((box["state"], m))  # dispatch is asynchronous
 
-        runs[f"jax/{impl}"] = run_jax
+        runs[name] = run_jax
     # The first round warms up allocators and kernel selection.
     timed = timed_alternating(runs, args.repeats, warmup=1)
     times = {name: t for name, (t, _) in timed.items()}
@@ -202,6 +210,12 @@ def main() -> None:
     args = parse_args()
     configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
+    if "cpu" in args.attention_impls:
+        from nemotron_jax.kernels.attention import cpu
+
+        if not cpu.available():
+            print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
+            args.attention_impls = [a for a in args.attention_impls if a != "cpu"]
     if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
     cfg = hf_config(args)
@@ -227,8 +241,8 @@ def main() -> None:
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print(f"{machine()}; {load}\ntorch threads {torch.get_num_threads()}")
     lines = [
-        "| dtype | framework | median s | best s | tok/s (best) | CPU-MFU (best) | jax/torch "
-        "| target |",
+        "| dtype | framework (jax: matmul/attention) | median s | best s | tok/s (best) "
+        "| CPU-MFU (best) | jax/torch | target |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     first_loss = {}

@@ -85,8 +85,9 @@ class LlamaConfig:
     # layers at the cost of compile time. Changes no parameter.
     scan_unroll: int = 1
     # nemotron_jax.kernels.attention implementation: "auto" picks cuDNN on GPUs for bf16/fp16
-    # compute and plain XLA otherwise; or "xla", "cpu" (a fused CPU kernel, float32 or bfloat16:
-    # faster forwards, gradients recomputed with XLA), "cudnn", "pallas", "pallas_interpret".
+    # compute, the fused "cpu" kernel on one CPU device for float32/bf16 (if a C++ compiler can
+    # build it) and plain XLA otherwise; or "xla", "cpu" (C++ forward and backward, RoPE inside),
+    # "cudnn", "pallas", "pallas_interpret".
     attention_impl: str = "auto"
     # Projection and LM-head products: "xla" (any backend, any mesh) or "onednn", oneDNN's CPU
     # matmul through an XLA FFI call (nemotron_jax.kernels.onednn; one CPU device, the onednn
@@ -392,11 +393,23 @@ def _fused_attention(q, k, v, impl, **kwargs):
 
 
 def resolve_attention_impl(config: LlamaConfig) -> str:
-    """The attention implementation for this config on the default backend."""
+    """The attention implementation for this config on the default backend: with "auto",
+    cuDNN on a GPU in 16-bit compute; the fused "cpu" kernel on the CPU in float32 or bfloat16
+    outside a multi-device mesh (where "xla" partitions any batch, while a per-shard kernel
+    needs the batch to divide the mesh) when it builds here (it needs a C++ compiler); else
+    "xla"."""
     if config.attention_impl != "auto":
         return config.attention_impl
-    if jax.default_backend() == "gpu" and config.dtype in ("bfloat16", "float16"):
+    backend = jax.default_backend()
+    if backend == "gpu" and config.dtype in ("bfloat16", "float16"):
         return "cudnn"
+    mesh = sharding.active_mesh()
+    single_device = mesh is None or mesh.size == 1
+    if backend == "cpu" and config.dtype in ("float32", "bfloat16") and single_device:
+        from nemotron_jax.kernels.attention import cpu  # lazy: builds the kernel on first use
+
+        if cpu.available():
+            return "cpu"
     return "xla"
 
 

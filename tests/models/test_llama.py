@@ -189,6 +189,23 @@ def test_cpu_attention_in_the_model_matches_xla(tiny):
         cfg.replace(attention_impl="cpu", dtype="float16")
 
 
+def test_auto_attention_on_the_cpu():
+    """"auto" on the CPU backend: the fused kernel for float32 and bfloat16 on one device, XLA
+    for float16 (the kernel's dtypes) and under a multi-device mesh (where XLA partitions any
+    batch)."""
+    from nemotron_jax.kernels.attention import cpu
+    from nemotron_jax.models.llama import resolve_attention_impl
+    from nemotron_jax.sharding import make_mesh
+
+    cfg = LlamaConfig.preset("tiny")
+    assert resolve_attention_impl(cfg) == ("cpu" if cpu.available() else "xla")
+    assert resolve_attention_impl(cfg.replace(dtype="bfloat16")) == resolve_attention_impl(cfg)
+    assert resolve_attention_impl(cfg.replace(dtype="float16")) == "xla"
+    assert resolve_attention_impl(cfg.replace(attention_impl="xla")) == "xla"
+    with jax.set_mesh(make_mesh((2, 2, 2))):
+        assert resolve_attention_impl(cfg) == "xla"
+
+
 def test_unknown_attention_impl():
     with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
         LlamaConfig.preset("tiny", attention_impl="flash")

@@ -1,18 +1,21 @@
 """Fused attention on the CPU: `attention(..., implementation="cpu")`, float32 or bfloat16.
 
-The forward is one XLA FFI custom call into a small C++ handler (`cpu.cc`, compiled on first use
-with `-O3 -march=native` and cached; `nemotron_jax.kernels.ffi_build`). It follows the masking
-rules of `reference.attention_reference`, its oracle in the tests, and returns what it returns
-up to float32 rounding. On the 2-core development machine it runs a causal GQA attention of
-q [8, 128, 8, 32] and k, v [8, 128, 2, 32] in about 0.50 ms, against 1.35-1.47 ms for XLA's
-block-causal attention and 0.77 ms for torch's scaled_dot_product_attention (docs/benchmarks.md).
+Forward and backward are each one XLA FFI custom call into a small C++ library (`cpu.cc`,
+compiled on first use with `-O3 -march=native` and cached; `nemotron_jax.kernels.ffi_build`).
+They follow the masking rules of `reference.attention_reference`, their oracle in the tests, and
+return what it returns up to float32 rounding. RoPE can be applied inside (`rope=(cos, sin)`):
+q and k are rotated as they are loaded. On the 2-core development machine the forward runs a
+causal GQA attention of q [8, 128, 8, 32] and k, v [8, 128, 2, 32] in about 0.50 ms, against
+1.35-1.47 ms for XLA's block-causal attention and 0.77 ms for torch's
+scaled_dot_product_attention (docs/benchmarks.md).
 
-The gradient is the reference's: the backward recomputes the attention with XLA and
-differentiates that (`jax.vjp`), so training with this implementation is exact but pays for one
-more attention forward per layer; it is meant for inference-heavy work (scoring, evaluation).
+The forward also returns each row's log-sum-exp, which the backward uses to recompute the
+probabilities key by key (flash-attention style): no [T, S] matrix is stored for the backward
+and none is written during it. Backward tasks are (batch row, kv head) pairs, each owning its
+keys' dk and dv.
 
-Single device: the call has no partitioning rule; under a mesh the model runs it per shard with
-`attention_sharded`.
+Single device: the calls have no partitioning rule; under a mesh the model runs them per shard
+with `attention_sharded`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from nemotron_jax.kernels.attention import reference
 from nemotron_jax.kernels.ffi_build import HandlerUnavailable, build_handler
 
 TARGET = "nemotron_cpu_attention"
+BACKWARD_TARGET = "nemotron_cpu_attention_backward"
 _SOURCE = pathlib.Path(__file__).with_name("cpu.cc")
 _LANES = 16  # the handler's vector width in floats: the head dim is padded to a multiple of it
 
@@ -45,6 +49,9 @@ def _register() -> None:
                          flags=["-O3", "-march=native"])  # fmt: skip
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NemotronCpuAttention), "cpu")
+    jax.ffi.register_ffi_target(
+        BACKWARD_TARGET, jax.ffi.pycapsule(lib.NemotronCpuAttentionBackward), "cpu"
+    )
 
 
 def available() -> bool:
@@ -56,44 +63,57 @@ def available() -> bool:
     return True
 
 
-def _fused(q, k, v, mask, rope, causal, scale):
-    _register()
+def _operands(q, k, v, mask, rope):
+    """The handlers' operands: q, k, v with the head dim padded to a multiple of 16 (zero
+    features change no score and give zero outputs and gradients, sliced off by the callers;
+    the rotary tables cover the first features only), the mask (empty when None), cos and sin
+    (empty when None), and the handlers' flags."""
     h = q.shape[-1]
-    pad = -h % _LANES  # zero features change no score and give zero outputs, sliced off below
-    if pad:  # (the rotary tables cover the first features only; the padding is not rotated)
+    pad = -h % _LANES
+    if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (q, k, v))
     has_mask, has_rope = mask is not None, rope is not None
     mask = mask.astype(bool) if has_mask else jnp.zeros((0,), bool)
     cos, sin = (x.astype(jnp.float32) for x in rope) if has_rope else (jnp.zeros((0,)),) * 2
-    call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential"
-    )
-    out = call(q, k, v, mask, cos, sin, causal=causal, has_mask=has_mask, has_rope=has_rope,
-               scale=np.float32(scale))  # fmt: skip
-    return out[..., :h] if pad else out
+    return (q, k, v, mask, cos, sin), dict(has_mask=has_mask, has_rope=has_rope)
+
+
+def _forward(q, k, v, mask, rope, causal, scale):
+    """(out [B, T, N, H] in q.dtype, lse [B, T, N] float32: each row's log-sum-exp)."""
+    _register()
+    operands, flags = _operands(q, k, v, mask, rope)
+    b, t, n, h = q.shape
+    shapes = (jax.ShapeDtypeStruct(operands[0].shape, q.dtype),
+              jax.ShapeDtypeStruct((b, t, n), jnp.float32))  # fmt: skip
+    call = jax.ffi.ffi_call(TARGET, shapes, vmap_method="sequential")
+    out, lse = call(*operands, causal=causal, scale=np.float32(scale), **flags)
+    return out[..., :h], lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, mask, rope, causal, scale):
-    return _fused(q, k, v, mask, rope, causal, scale)
+    return _forward(q, k, v, mask, rope, causal, scale)[0]
 
 
 def _attention_fwd(q, k, v, mask, rope, causal, scale):
-    return _fused(q, k, v, mask, rope, causal, scale), (q, k, v, mask, rope)
+    out, lse = _forward(q, k, v, mask, rope, causal, scale)
+    return out, (q, k, v, out, lse, mask, rope)
 
 
 def _attention_bwd(causal, scale, residuals, g):
-    q, k, v, mask, rope = residuals
-
-    def plain(q, k, v):
-        if rope is not None:
-            q, k = (reference.apply_rope(x, *rope) for x in (q, k))
-        return reference.attention_reference(q, k, v, mask=mask, causal=causal, sm_scale=scale)
-
-    _, vjp = jax.vjp(plain, q, k, v)
+    q, k, v, out, lse, mask, rope = residuals
+    h = q.shape[-1]
+    operands, flags = _operands(q, k, v, mask, rope)
+    pad = operands[0].shape[-1] - h
+    out, g = (jnp.pad(x.astype(q.dtype), ((0, 0), (0, 0), (0, 0), (0, pad))) for x in (out, g))
+    q_, k_, v_, mask_, cos, sin = operands
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_, k_, v_))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, shapes, vmap_method="sequential")
+    dq, dk, dv = call(q_, k_, v_, out, g, lse, mask_, cos, sin, causal=causal,
+                      scale=np.float32(scale), **flags)  # fmt: skip
     # The mask is boolean and the rotary tables are functions of positions: no cotangents.
     no_rope = None if rope is None else jax.tree.map(jnp.zeros_like, rope)
-    return (*vjp(g), None, no_rope)
+    return dq[..., :h], dk[..., :h], dv[..., :h], None, no_rope
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -115,6 +135,9 @@ def cpu_attention(
     With `rope` (cos, sin: float32 [B, T, R], self-attention) q and k are rotated first, as
     `reference.apply_rope` does, but as the kernel loads them: in float32, never rounded to
     bfloat16 and never written back to memory.
+
+    Differentiable: the backward is its own fused call (gradients of q, k and v in their dtype,
+    float32 arithmetic).
 
     q [B, T, N, H], k and v [B, S, K, H], all float32 or all bfloat16 (ValueError otherwise).
     Returns [B, T, N, H] in q.dtype; rows with no visible key are 0. Scores, softmax and the
