@@ -8,10 +8,9 @@ Implementations:
     supported head_dim (JAX raises otherwise). Fully masked rows are zeroed after the call.
   * "pallas": the Triton flash-attention kernels in `pallas_gpu.py` (GPU only).
   * "pallas_interpret": the same kernels in the Pallas interpreter (CPU tests; slow).
-  * "cpu": `cpu.cpu_attention`, a fused C++ kernel through XLA FFI (CPU backend only;
-    compiled on first use). Takes `mask` and `segment_ids` like "xla", and applies `rope` itself
-    (the other implementations rotate q and k with `reference.apply_rope` first); its gradient
-    is the reference's, recomputed.
+  * "cpu": `cpu.cpu_attention`, fused C++ forward and backward kernels through XLA FFI (CPU
+    backend only; compiled on first use). Takes `mask` and `segment_ids` like "xla", and applies
+    `rope` itself (the other implementations rotate q and k with `reference.apply_rope` first).
 The Pallas paths support `segment_ids` but not an arbitrary `mask` (ValueError).
 """
 
