@@ -364,18 +364,37 @@ struct BackwardScratch {
         qs(kRows * p.h), dos(kRows * p.h), rows(kRows * p.h) {}
 };
 
-// acc[j, :] += sum_r coef[r, j] x[r, :] for j < keys: kRows rows at a time, so each
-// accumulator row is loaded and stored once per block of query rows.
-void AddOuter(const float* coef, int64_t s_pad, const float* x, int64_t h, int64_t keys,
-              float* acc) {
+// acc[j, f0:f0 + 16V] += sum_r coef[r, j] x[r, f0:f0 + 16V] for j < keys, with that block of
+// the kRows rows of x held in registers (kRows x V vectors) while the keys stream past.
+template <int V>
+void AddOuterBlock(const float* coef, int64_t s_pad, const float* x, int64_t h, int64_t keys,
+                   int64_t f0, float* acc) {
+  vf xr[kRows][V];
+  for (int r = 0; r < kRows; ++r) {
+    for (int c = 0; c < V; ++c) xr[r][c] = Load(x + r * h + f0 + c * kLanes);
+  }
   for (int64_t j = 0; j < keys; ++j) {
     const float c0 = coef[j], c1 = coef[s_pad + j], c2 = coef[2 * s_pad + j],
                 c3 = coef[3 * s_pad + j];
     if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;  // masked key
-    float* a = acc + j * h;
-    for (int64_t f = 0; f < h; f += kLanes) {
-      Store(a + f, Load(a + f) + c0 * Load(x + f) + c1 * Load(x + h + f) +
-                       c2 * Load(x + 2 * h + f) + c3 * Load(x + 3 * h + f));
+    float* a = acc + j * h + f0;
+    for (int c = 0; c < V; ++c) {
+      Store(a + c * kLanes, Load(a + c * kLanes) + c0 * xr[0][c] + c1 * xr[1][c] +
+                                c2 * xr[2][c] + c3 * xr[3][c]);
+    }
+  }
+}
+
+// acc[j, :] += sum_r coef[r, j] x[r, :] for j < keys (coef [kRows, s_pad], x [kRows, H],
+// acc [*, H]): dk and dv, updated by kRows query rows at a time.
+void AddOuter(const float* coef, int64_t s_pad, const float* x, int64_t h, int64_t keys,
+              float* acc) {
+  const int v = h % (4 * kLanes) == 0 ? 4 : h % (2 * kLanes) == 0 ? 2 : 1;
+  for (int64_t f0 = 0; f0 < h; f0 += v * kLanes) {
+    switch (v) {
+      case 4: AddOuterBlock<4>(coef, s_pad, x, h, keys, f0, acc); break;
+      case 2: AddOuterBlock<2>(coef, s_pad, x, h, keys, f0, acc); break;
+      default: AddOuterBlock<1>(coef, s_pad, x, h, keys, f0, acc);
     }
   }
 }
