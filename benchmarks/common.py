@@ -146,6 +146,26 @@ def available_matmul_impls(impls: list[str]) -> list[str]:
     return impls
 
 
+def add_attention_args(p: argparse.ArgumentParser) -> None:
+    """`--attention-impls xla,cpu`: one JAX row per `LlamaConfig.attention_impl` (times each
+    matmul_impl)."""
+    p.add_argument(
+        "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
+        help="LlamaConfig.attention_impl values, one jax row each ('cpu', the fused CPU kernel, "
+        "is skipped if it cannot be built here)",
+    )  # fmt: skip
+
+
+def available_attention_impls(impls: list[str]) -> list[str]:
+    """`impls` without "cpu" when the fused CPU attention cannot be built here (says so)."""
+    from nemotron_jax.kernels.attention import cpu
+
+    if "cpu" in impls and not cpu.available():
+        print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
+        return [i for i in impls if i != "cpu"]
+    return impls
+
+
 def section_head(title: str, load: str) -> str:
     """The opening of an appended section: "## title, <date -u>", the machine (with the load
     average at start) and the jax / torch / transformers versions."""

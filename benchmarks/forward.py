@@ -32,9 +32,11 @@ import torch
 import transformers
 from common import (  # benchmarks/common.py
     TorchProcess,
+    add_attention_args,
     add_matmul_args,
     add_output_args,
     append_section,
+    available_attention_impls,
     available_matmul_impls,
     configure_host,
     machine,
@@ -57,11 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
     add_matmul_args(p)
-    p.add_argument(
-        "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
-        help="LlamaConfig.attention_impl values, one jax row each ('cpu', the fused CPU kernel, "
-        "is skipped if it cannot be built here)",
-    )  # fmt: skip
+    add_attention_args(p)
     add_output_args(p)
     return p.parse_args()
 
@@ -152,12 +150,7 @@ def main() -> None:
     args = parse_args()
     configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
-    if "cpu" in args.attention_impls:
-        from nemotron_jax.kernels.attention import cpu
-
-        if not cpu.available():
-            print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
-            args.attention_impls = [a for a in args.attention_impls if a != "cpu"]
+    args.attention_impls = available_attention_impls(args.attention_impls)
     if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
     hf_cfg = hf_config(args)

@@ -34,10 +34,12 @@ import torch
 import transformers
 from common import (  # benchmarks/common.py
     TorchProcess,
+    add_attention_args,
     add_matmul_args,
     add_model_args,
     add_output_args,
     append_section,
+    available_attention_impls,
     available_matmul_impls,
     configure_host,
     machine,
@@ -64,11 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed steps per case")
     p.add_argument("--dtypes", default="float32,bfloat16")
     add_matmul_args(p)
-    p.add_argument(
-        "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
-        help="LlamaConfig.attention_impl values, one jax row each per matmul_impl ('cpu', the "
-        "fused CPU kernel and the CPU default, is skipped if it cannot be built here)",
-    )  # fmt: skip
+    add_attention_args(p)
     p.add_argument("--peak-f32", type=float, default=190.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--peak-bf16", type=float, default=350.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--seed", type=int, default=0)
@@ -210,12 +208,7 @@ def main() -> None:
     args = parse_args()
     configure_host()
     args.matmul_impls = available_matmul_impls(args.matmul_impls)
-    if "cpu" in args.attention_impls:
-        from nemotron_jax.kernels.attention import cpu
-
-        if not cpu.available():
-            print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
-            args.attention_impls = [a for a in args.attention_impls if a != "cpu"]
+    args.attention_impls = available_attention_impls(args.attention_impls)
     if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
     cfg = hf_config(args)

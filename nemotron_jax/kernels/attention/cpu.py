@@ -54,6 +54,7 @@ def _register() -> None:
     )
 
 
+@functools.cache  # `auto` asks at every trace; a failed build is not retried each time
 def available() -> bool:
     """True when the handler builds and registers here (CPU backend and a C++ compiler)."""
     try:
