@@ -1,5 +1,6 @@
 """Checkpoint conversion between nemotron_jax and Hugging Face formats."""
 
+from nemotron_jax.convert.hf_config import config_from_hf, config_to_hf
 from nemotron_jax.convert.hf_llama import (
     KINDS,
     REWARD_KINDS,
@@ -24,6 +25,8 @@ __all__ = [
     "open_hf",
     "read_reward_head_info",
     "reward_direction",
+    "config_from_hf",
+    "config_to_hf",
     "save_hf",
     "tree_reader",
 ]

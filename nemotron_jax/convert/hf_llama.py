@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from nemotron_jax.convert.hf_config import config_from_hf, config_to_hf
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.models.llama import DTYPES, LlamaConfig, abstract_params
 from nemotron_jax.models.reward import HELPFULNESS_SLOT, NUM_ATTRIBUTES, abstract_reward_params
@@ -402,7 +403,7 @@ def open_hf(
     if "model.embed_tokens.weight" not in ckpt.names:
         raise CheckpointError(f"{ckpt.dir}: missing tensors ['model.embed_tokens.weight']")
     file_dtype = ckpt.file_dtype()
-    config = LlamaConfig.from_hf(
+    config = config_from_hf(
         ckpt.hf_config, **{"param_dtype": file_dtype, "dtype": file_dtype, **overrides}
     )
     # Checkpoints saved with tied embeddings may still carry an lm_head copy: ignore it then.
@@ -737,7 +738,7 @@ def save_hf(
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config.to_hf(KINDS[kind][0])
+        hf_config = config_to_hf(config, KINDS[kind][0])
         hf_config["torch_dtype"] = dtype
         if kind == "sequence_classification":
             # One output: without the label maps transformers would build num_labels=2.

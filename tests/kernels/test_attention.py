@@ -23,8 +23,12 @@ from nemotron_jax.kernels.attention import (
     attention,
     attention_sharded,
     pallas_attention,
+    prepare,
+    resolve_implementation,
 )
-from nemotron_jax.models.llama import make_attention_mask
+from nemotron_jax.kernels.attention import position_mask as make_attention_mask
+from nemotron_jax.kernels.attention.xla import block_causal_attention
+from nemotron_jax.models.llama import positions_from_mask
 from nemotron_jax.sharding import make_mesh
 from tests import tolerances
 
@@ -446,3 +450,74 @@ def test_validation_errors():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             attention(q, kv, kv, implementation="cudnn")
+
+
+def test_auto_resolution_on_the_cpu():
+    """"auto" on the CPU backend: the fused kernel for float32 and bfloat16 on one device, XLA
+    for float16 (the kernel's dtypes), under a multi-device mesh (where XLA partitions any
+    batch) and for a KV cache's explicit mask; an explicit choice is kept."""
+    from nemotron_jax.kernels.cpu import attention as cpu_attention
+
+    prepare("auto", jnp.float32)
+    fused = "cpu" if cpu_attention.available() else "xla"
+    assert resolve_implementation("auto", jnp.float32) == fused
+    assert resolve_implementation("auto", jnp.bfloat16) == fused
+    assert resolve_implementation("auto", jnp.float16) == "xla"
+    assert resolve_implementation("auto", jnp.float32, explicit_mask=True) == "xla"
+    assert resolve_implementation("pallas", jnp.float32, explicit_mask=True) == "xla"
+    assert resolve_implementation("xla", jnp.float32) == "xla"
+    assert resolve_implementation("pallas_interpret", jnp.float32) == "pallas_interpret"
+    assert resolve_implementation("auto", jnp.float32, mesh=make_mesh((2, 2, 2))) == "xla"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        resolve_implementation("flash", jnp.float32)
+    with pytest.raises(ValueError, match="'cpu' takes float32 or bfloat16, not float16"):
+        prepare("cpu", jnp.float16)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_positions_give_the_position_mask(implementation):
+    """`positions` with `segment_ids`: causal by position on left-padded rows, equal to the
+    explicit position mask; with `causal=True` as well, equal on the real rows."""
+    b, t, n, k, h = 2, 11, 4, 2, 16
+    q, kk, v, _ = _inputs(b, t, t, n, k, h, jnp.float32, seed=9)
+    valid = np.ones((b, t), bool)
+    valid[1, :4] = False  # left padding
+    positions = positions_from_mask(jnp.asarray(valid))
+    seg = jnp.asarray(valid, jnp.int32)
+    want = _naive(q, kk, v, make_attention_mask(positions, positions, seg != 0), h**-0.5)
+    got = attention(q, kk, v, segment_ids=seg, positions=positions, causal=False,
+                    implementation=implementation)  # fmt: skip
+    assert _err(got, want) <= tolerances.ATTENTION_F32
+    got = attention(q, kk, v, segment_ids=seg, positions=positions, causal=True,
+                    implementation=implementation)  # fmt: skip
+    assert _err(np.asarray(got)[valid], np.asarray(want)[valid]) <= tolerances.ATTENTION_F32
+    with pytest.raises(ValueError, match="positions need segment_ids"):
+        attention(q, kk, v, positions=positions)
+
+
+@pytest.mark.parametrize("t", [13, 16])
+def test_block_causal_attention_matches_plain(t):
+    """Query blocks that skip the keys above the diagonal give the plain masked attention, values
+    and gradients, on a right- and a left-padded row (left padding: real rows only)."""
+    b, n, kv, h = 2, 4, 2, 8
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
+    valid = np.ones((b, t), bool)
+    valid[0, t - 4 :] = False  # right padding
+    valid[1, :3] = False  # left padding
+    positions = positions_from_mask(jnp.asarray(valid))
+    mask = make_attention_mask(positions, positions, jnp.asarray(valid))
+    weight = jnp.asarray(valid, jnp.float32)[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(weight * out * jnp.sin(out)), out
+
+    plain = functools.partial(attention, mask=mask, causal=False)
+    blocked = functools.partial(block_causal_attention, mask=mask)
+    (_, want), g_want = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(plain, q, k, v)
+    (_, got), g_got = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(blocked, q, k, v)
+    np.testing.assert_allclose(got[valid], want[valid], atol=tolerances.ATTENTION_F32)
+    np.testing.assert_allclose(got[0], want[0], atol=tolerances.ATTENTION_F32)  # right-padded
+    for a, e in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32)

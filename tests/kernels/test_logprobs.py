@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from nemotron_jax import sharding
 from nemotron_jax.kernels import token_logprobs, token_logprobs_sharded
 from nemotron_jax.kernels.logprobs import BlockSizes
+from nemotron_jax.kernels.logprobs.reference import token_logprobs_reference
 from tests import tolerances as tol
 
 N, D, V = 100, 64, 300
@@ -68,9 +69,24 @@ def test_values_and_grads_match_reference(impl, bs, dtype):
         assert _max_err(g, r, bf16) < limit, (name, _max_err(g, r, bf16))
 
 
-def test_reference_matches_losses_oracle():
-    from nemotron_jax.losses.lm import token_logprobs_reference
+def test_token_logprobs_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    want = np.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    got = token_logprobs_reference(jnp.asarray(logits), targets)
+    assert got.dtype == jnp.float32 and got.shape == (2, 5)
+    np.testing.assert_allclose(got, want, atol=tol.LOSS_F32, rtol=0)
+    # Stable for huge logits: log p = [-log(1 + e^-1e4), -1e4] = [0, -1e4], no overflow.
+    huge = token_logprobs_reference(jnp.asarray([[[1e4, 0.0], [1e4, 0.0]]]), np.array([[0, 1]]))
+    np.testing.assert_allclose(huge, [[0.0, -1e4]], atol=tol.LOSS_F32, rtol=0)
+    # bf16 inputs come back as float32.
+    assert token_logprobs_reference(jnp.asarray(logits, jnp.bfloat16), targets).dtype == (
+        jnp.float32
+    )
 
+
+def test_reference_from_hidden_matches_the_logits_oracle():
     h, w, y = _inputs()
     want = token_logprobs_reference(h @ w, y)
     got = token_logprobs(h, w, y, implementation="reference")

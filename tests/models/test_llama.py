@@ -1,7 +1,5 @@
 """Configs, presets, shapes and masking of the Flax Llama (no transformers needed)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,41 +46,6 @@ def test_bad_config_values(field, value, match):
 def test_unknown_field():
     with pytest.raises(ConfigError, match="unknown LlamaConfig field"):
         LlamaConfig.preset("tiny", hidden=3)
-
-
-HUB_FORM = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 131072,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "bos_token_id": 128000,
-    "eos_token_id": [128001, 128008, 128009],
-    "torch_dtype": "bfloat16",
-    "hidden_act": "silu",
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-}
-
-
-def test_from_hf_hub_and_v5_forms_agree():
-    v5 = {k: v for k, v in HUB_FORM.items() if k not in ("rope_theta", "rope_scaling")}
-    v5["rope_parameters"] = {**HUB_FORM["rope_scaling"], "rope_theta": 500000.0}
-    hub, new = LlamaConfig.from_hf(HUB_FORM), LlamaConfig.from_hf(v5)
-    assert hub == new
-    assert hub == LlamaConfig.preset("llama3.1-8b", dtype="bfloat16", param_dtype="bfloat16")
-    assert LlamaConfig.from_hf(hub.to_hf()) == hub
 
 
 def test_config_dict_round_trip():
@@ -185,61 +148,13 @@ def test_cpu_attention_in_the_model_matches_xla(tiny):
     for a, e in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
         scale = max(1.0, float(jnp.max(jnp.abs(e))))
         np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32 * scale)
-    with pytest.raises(ConfigError, match="attention_impl 'cpu' takes float32 or bfloat16"):
+    with pytest.raises(ConfigError, match="attention_impl 'cpu': .* float32 or bfloat16"):
         cfg.replace(attention_impl="cpu", dtype="float16")
-
-
-def test_auto_attention_on_the_cpu():
-    """"auto" on the CPU backend: the fused kernel for float32 and bfloat16 on one device, XLA
-    for float16 (the kernel's dtypes) and under a multi-device mesh (where XLA partitions any
-    batch)."""
-    from nemotron_jax.kernels.attention import cpu
-    from nemotron_jax.models.llama import resolve_attention_impl
-    from nemotron_jax.sharding import make_mesh
-
-    cfg = LlamaConfig.preset("tiny")
-    assert resolve_attention_impl(cfg) == ("cpu" if cpu.available() else "xla")
-    assert resolve_attention_impl(cfg.replace(dtype="bfloat16")) == resolve_attention_impl(cfg)
-    assert resolve_attention_impl(cfg.replace(dtype="float16")) == "xla"
-    assert resolve_attention_impl(cfg.replace(attention_impl="xla")) == "xla"
-    with jax.set_mesh(make_mesh((2, 2, 2))):
-        assert resolve_attention_impl(cfg) == "xla"
 
 
 def test_unknown_attention_impl():
     with pytest.raises(ConfigError, match="unknown attention_impl 'flash'"):
         LlamaConfig.preset("tiny", attention_impl="flash")
-
-
-@pytest.mark.parametrize("t", [13, 16])
-def test_block_causal_attention_matches_plain(t):
-    """Query blocks that skip the keys above the diagonal give the plain masked attention, values
-    and gradients, on a right- and a left-padded row (left padding: real rows only)."""
-    from nemotron_jax.kernels.attention import attention
-    from nemotron_jax.models.llama import block_causal_attention, make_attention_mask
-
-    b, n, kv, h = 2, 4, 2, 8
-    rng = np.random.default_rng(4)
-    q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
-    valid = np.ones((b, t), bool)
-    valid[0, t - 4 :] = False  # right padding
-    valid[1, :3] = False  # left padding
-    positions = positions_from_mask(jnp.asarray(valid))
-    mask = make_attention_mask(positions, positions, jnp.asarray(valid))
-    weight = jnp.asarray(valid, jnp.float32)[:, :, None, None]
-
-    def loss(fn, q, k, v):
-        out = fn(q, k, v)
-        return jnp.sum(weight * out * jnp.sin(out)), out
-
-    plain = functools.partial(attention, mask=mask, causal=False)
-    blocked = functools.partial(block_causal_attention, mask=mask)
-    (_, want), g_want = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(plain, q, k, v)
-    (_, got), g_got = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(blocked, q, k, v)
-    np.testing.assert_allclose(got[valid], want[valid], atol=tolerances.ATTENTION_F32)
-    np.testing.assert_allclose(got[0], want[0], atol=tolerances.ATTENTION_F32)  # right-padded
-    for a, e in zip(g_got, g_want, strict=True):
-        np.testing.assert_allclose(a, e, atol=tolerances.ATTENTION_GRAD_F32)
 
 
 def test_real_rows_only_matches_plain_attention(tiny):
@@ -283,26 +198,6 @@ def test_scan_unroll_changes_no_result(tiny):
     for unroll in (2, cfg.num_layers + 1):
         got = Llama(cfg.replace(scan_unroll=unroll)).apply({"params": params}, tokens)
         np.testing.assert_allclose(got, want, atol=tolerances.SIMPLE_F32)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_rmsnorm_scale_gradient_is_the_column_sum(dtype):
-    """RMSNorm's custom gradient (the scale gradient taken as a product with a ones row) equals
-    plain autodiff of x * scale."""
-    from nemotron_jax.models.llama import _scale_features
-
-    rng = np.random.default_rng(6)
-    x = jnp.asarray(rng.normal(size=(3, 7, 16)), dtype)
-    scale = jnp.asarray(rng.normal(size=(16,)), dtype)
-    g = jnp.asarray(rng.normal(size=(3, 7, 16)), dtype)
-    got = jax.vjp(_scale_features, x, scale)[1](g)
-    want = jax.vjp(lambda a, s: a * s, x, scale)[1](g)
-    # bf16: autodiff sums the bf16 products in bf16, the product accumulates them in float32.
-    tol = tolerances.SIMPLE_F32 if dtype == "float32" else tolerances.BF16
-    for a, e in zip(got, want, strict=True):
-        assert a.dtype == e.dtype
-        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-        assert np.abs(a - e).max() / max(1.0, np.abs(e).max()) <= tol
 
 
 def test_logits_dtype_rounds_the_float32_logits(tiny):

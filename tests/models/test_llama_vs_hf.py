@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemotron_jax.convert import load_hf
-from nemotron_jax.models import Llama, LlamaConfig
+from nemotron_jax.convert import config_from_hf, load_hf
+from nemotron_jax.models import Llama
 from nemotron_jax.models.llama import rope_inv_freq
 from tests import tolerances
 from tests.hf_utils import hf_logits, make_hf_llama, padded_batch
@@ -51,7 +51,7 @@ def test_inv_freq_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     model = make_hf_llama(num_heads=2, num_kv_heads=2, hidden=256, original_max=8192)
-    config = LlamaConfig.from_hf(model.config.to_dict())
+    config = config_from_hf(model.config.to_dict())
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, torch.device("cpu"))
     got = rope_inv_freq(config)
     assert np.abs(got - want.numpy()).max() <= tolerances.SIMPLE_F32 * np.abs(want.numpy()).max()

@@ -1,7 +1,8 @@
 """The oracle: full float32 logits, then log-softmax, logsumexp and entropy.
 
-Materialises [N, V] float32 logits, so it is for tests and benchmarks only; every other
-implementation in this package must match it in values and gradients.
+`logprob_stats` materialises [N, V] float32 logits, so it is for tests and benchmarks only; every
+other implementation in this package must match it in values and gradients.
+`token_logprobs_reference` is the same log-softmax on logits a caller already has (`sft`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nemotron_jax.losses.lm import token_logprobs_reference
+
+def token_logprobs_reference(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) [...] in float32 from logits [..., V] and int targets [...].
+
+    The naive, obviously correct oracle on logits (a full float32 log-softmax); every kernel
+    that avoids materialising the logits in float32 must match it. Targets are already aligned
+    with the logits (no shift here).
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    targets = jnp.asarray(targets).astype(jnp.int32)
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} do not match targets {targets.shape}")
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def logprob_stats(

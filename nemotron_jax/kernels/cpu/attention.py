@@ -1,13 +1,11 @@
 """Fused attention on the CPU: `attention(..., implementation="cpu")`, float32 or bfloat16.
 
-Forward and backward are each one XLA FFI custom call into a small C++ library (`cpu.cc`,
-compiled on first use with `-O3 -march=native` and cached; `nemotron_jax.kernels.ffi_build`).
+Forward and backward are each one XLA FFI custom call into a small C++ library (`attention.cc`,
+compiled with `-O3 -march=native` and cached; `nemotron_jax.kernels.cpu.build`). The attention
+API builds it before the first trace (`kernels.attention.prepare`), never while tracing.
 They follow the masking rules of `reference.attention_reference`, their oracle in the tests, and
 return what it returns up to float32 rounding. RoPE can be applied inside (`rope=(cos, sin)`):
-q and k are rotated as they are loaded. On the 2-core development machine the forward runs a
-causal GQA attention of q [8, 128, 8, 32] and k, v [8, 128, 2, 32] in about 0.50 ms, against
-1.35-1.47 ms for XLA's block-causal attention and 0.77 ms for torch's
-scaled_dot_product_attention (docs/benchmarks.md).
+q and k are rotated as they are loaded.
 
 The forward also returns each row's log-sum-exp, which the backward uses to recompute the
 probabilities key by key (flash-attention style): no [T, S] matrix is stored for the backward
@@ -30,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemotron_jax.kernels.attention import reference
-from nemotron_jax.kernels.ffi_build import HandlerUnavailable, build_handler
+from nemotron_jax.kernels.cpu.build import HandlerUnavailable, build_handler
 
 TARGET = "nemotron_cpu_attention"
 BACKWARD_TARGET = "nemotron_cpu_attention_backward"
-_SOURCE = pathlib.Path(__file__).with_name("cpu.cc")
+_SOURCE = pathlib.Path(__file__).with_name("attention.cc")
 _LANES = 16  # the handler's vector width in floats: the head dim is padded to a multiple of it
 
 

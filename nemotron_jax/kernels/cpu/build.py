@@ -1,6 +1,6 @@
 """Compile a small C++ XLA FFI handler on first use and cache the shared library.
 
-The CPU kernels (`kernels/onednn/matmul.cc`, `kernels/attention/cpu.cc`) ship as source: a wheel
+The CPU kernels (`kernels/cpu/*.cc`) ship as source: a wheel
 of prebuilt libraries would have to match every jaxlib's FFI headers and every CPU. Each is
 compiled once with the system compiler (`$CXX`, default g++) against `jax.ffi.include_dir()` and
 cached under `~/.cache/nemotron_jax` (or `$NEMOTRON_JAX_CACHE`), keyed by a hash of the source,
@@ -54,7 +54,7 @@ def build_handler(
 
     Args:
         source: the .cc file.
-        what: how error messages name the feature that needs it (e.g. "matmul_impl='onednn'").
+        what: how error messages name the feature that needs it ("attention implementation 'cpu'").
         flags: compiler flags before the source (optimisation, include dirs).
         link: linker arguments after the source (libraries, rpaths).
         stamp: extra bytes for the cache key (e.g. the resolved path of a linked library).
