@@ -26,12 +26,10 @@ def configure_host() -> None:
 class TorchProcess:
     """The torch side of a benchmark, in a spawned child process.
 
-    Why a process of its own: torch and oneDNN (`matmul_impl="onednn"`) both link an OpenMP
-    runtime with the soname libgomp.so.1, so in one process they share a single copy. Once
-    oneDNN's products have run from XLA's threads, that copy manages more threads than there are
-    cores and throttles its spin-waiting, and torch's eager code, which enters a parallel region
-    per op, ran 10-25% slower on the 2-core machine (bf16 most). In its own process torch keeps
-    its own runtime; the parent should run no torch code at all.
+    Why a process of its own: torch's eager code enters an OpenMP parallel region per op, and its
+    timings depend on what else shares its runtime and thread pools in the process (a shared
+    libgomp once cost it 10-25% on the 2-core machine). In its own process torch keeps its own
+    runtime; the parent should run no torch code at all.
 
     The child applies `configure_host()` and `threads`, builds `handle = make_handler(*args)`,
     then answers every `call(*message)` with `handle(*message)`. A handler that times itself
@@ -128,27 +126,8 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--no-append", dest="append", action="store_const", const=None)
 
 
-def add_matmul_args(p: argparse.ArgumentParser) -> None:
-    """`--matmul-impls xla,onednn`: one JAX row per `LlamaConfig.matmul_impl`."""
-    p.add_argument(
-        "--matmul-impls", default="xla,onednn", type=lambda s: s.split(","),
-        help="LlamaConfig.matmul_impl values, one jax row each (onednn skipped if unavailable)",
-    )  # fmt: skip
-
-
-def available_matmul_impls(impls: list[str]) -> list[str]:
-    """`impls` without "onednn" when the oneDNN handler cannot be built here (says so)."""
-    from nemotron_jax.kernels import onednn
-
-    if "onednn" in impls and not onednn.available():
-        print("oneDNN matmul unavailable (pip install 'nemotron_jax[onednn]'): xla rows only")
-        return [i for i in impls if i != "onednn"]
-    return impls
-
-
 def add_attention_args(p: argparse.ArgumentParser) -> None:
-    """`--attention-impls xla,cpu`: one JAX row per `LlamaConfig.attention_impl` (times each
-    matmul_impl)."""
+    """`--attention-impls xla,cpu`: one JAX row per `LlamaConfig.attention_impl`."""
     p.add_argument(
         "--attention-impls", default="xla,cpu", type=lambda s: s.split(","),
         help="LlamaConfig.attention_impl values, one jax row each ('cpu', the fused CPU kernel, "
@@ -158,9 +137,10 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
 
 def available_attention_impls(impls: list[str]) -> list[str]:
     """`impls` without "cpu" when the fused CPU attention cannot be built here (says so)."""
-    from nemotron_jax.kernels.attention import cpu
+    from nemotron_jax.kernels.attention import prepare, resolve_implementation
 
-    if "cpu" in impls and not cpu.available():
+    prepare("auto", "float32")
+    if "cpu" in impls and resolve_implementation("auto", "float32") != "cpu":
         print("fused CPU attention unavailable (no C++ compiler?): xla attention rows only")
         return [i for i in impls if i != "cpu"]
     return impls

@@ -3,10 +3,9 @@
 Run with `python benchmarks/forward.py` or `make bench-forward`; `--help` lists the flags.
 
 One random tiny `LlamaForCausalLM` is built locally (no download) in the torch child process
-(`common.TorchProcess`: torch must not share an OpenMP runtime with oneDNN), saved with
+(`common.TorchProcess`: torch keeps an OpenMP runtime of its own), saved with
 `save_pretrained` and loaded into nemotron_jax with `load_hf`, so both frameworks time the same
-weights on the same batch, in alternating rounds. JAX rows cover `matmul_impl` (xla, onednn) and
-`attention_impl` (xla, and cpu: the fused CPU kernel, the counterpart of the fused
+weights on the same batch, in alternating rounds. JAX rows cover `attention_impl` (xla, and cpu: the fused CPU kernel, the counterpart of the fused
 scaled_dot_product_attention kernel torch runs). The target is jax >= 1.0x torch tokens/s in
 both dtypes; PASS/MISS is informational and the exit code is 0 either way. A section is appended
 to docs/benchmarks.md unless `--no-append` is given. On a machine with few cores, run it with
@@ -33,11 +32,9 @@ import transformers
 from common import (  # benchmarks/common.py
     TorchProcess,
     add_attention_args,
-    add_matmul_args,
     add_output_args,
     append_section,
     available_attention_impls,
-    available_matmul_impls,
     configure_host,
     machine,
     section_head,
@@ -58,7 +55,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", "-N", type=int, default=10, help="timed runs per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
-    add_matmul_args(p)
     add_attention_args(p)
     add_output_args(p)
     return p.parse_args()
@@ -125,14 +121,13 @@ def torch_runner(model, tokens, mask, dtype):
     return run
 
 
-def jax_runner(config, params, tokens, mask, dtype, matmul_impl, logits_dtype, attention):
+def jax_runner(config, params, tokens, mask, dtype, logits_dtype, attention):
     # Layers fully unrolled (`scan_unroll`, as in reward_step.py): a rolled scan slices each
     # layer's weights out of the stacked params at every call, and XLA:CPU copies each bf16
     # slice through float32; unrolled, the slices are static (1.4 ms of a 23 ms bf16 forward).
     config = config.replace(
         dtype=dtype,
         param_dtype=dtype,
-        matmul_impl=matmul_impl,
         logits_dtype=logits_dtype,
         attention_impl=attention,
         scan_unroll=config.num_layers,
@@ -149,7 +144,6 @@ def jax_runner(config, params, tokens, mask, dtype, matmul_impl, logits_dtype, a
 def main() -> None:
     args = parse_args()
     configure_host()
-    args.matmul_impls = available_matmul_impls(args.matmul_impls)
     args.attention_impls = available_attention_impls(args.attention_impls)
     if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
@@ -174,10 +168,9 @@ def main() -> None:
     for name in ("float32", "bfloat16"):
         # float32 logits always; in bf16 also bf16 logits, the dtype torch returns there.
         cases = [
-            (impl, logits_dtype, attention)
+            (logits_dtype, attention)
             for logits_dtype in sorted({"float32", name}, reverse=True)
             for attention in args.attention_impls
-            for impl in args.matmul_impls
         ]
         runs = {"torch": functools.partial(torch_process.call, "run", name)}
         runs["torch"]()  # the first call converts and warms the child's model
@@ -189,16 +182,16 @@ def main() -> None:
         }
         tb, tm, _ = timings.pop("torch")
         torch_logits[name] = torch_process.call("logits", name)
-        for (impl, logits_dtype, attention), (jb, jm, out) in timings.items():
-            jax_logits[name, impl, logits_dtype, attention] = np.asarray(out, np.float32)
+        for (logits_dtype, attention), (jb, jm, out) in timings.items():
+            jax_logits[name, logits_dtype, attention] = np.asarray(out, np.float32)
             # Best of N is the least disturbed by other processes, so the verdict uses it.
             ratio = tb / jb  # = jax tok/s / torch tok/s
             rows.append(
-                (name, impl, attention, logits_dtype, ntok / tb, ntok / tm, ntok / jb,
-                 ntok / jm, ratio)
+                (name, attention, logits_dtype, ntok / tb, ntok / tm, ntok / jb, ntok / jm,
+                 ratio)
             )  # fmt: skip
             print(
-                f"{name}: torch {tb * 1e3:.1f} ms, jax/{impl}/{attention}/{logits_dtype} "
+                f"{name}: torch {tb * 1e3:.1f} ms, jax/{attention}/{logits_dtype} "
                 f"{jb * 1e3:.1f} ms"
             )
 
@@ -206,21 +199,21 @@ def main() -> None:
     tmp.cleanup()
 
     lines = [
-        "| dtype | matmul_impl | attention_impl | jax logits | torch tok/s (best) "
+        "| dtype | attention_impl | jax logits | torch tok/s (best) "
         "| torch tok/s (median) | jax tok/s (best) | jax tok/s (median) | jax/torch (best) "
         "| target |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name, impl, attention, ldt, tb, tm, jb, jm, ratio in rows:
+    for name, attention, ldt, tb, tm, jb, jm, ratio in rows:
         verdict = "PASS" if ratio >= 1.0 else "MISS"
         lines.append(
-            f"| {name} | {impl} | {attention} | {ldt} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} "
+            f"| {name} | {attention} | {ldt} | {tb:,.0f} | {tm:,.0f} | {jb:,.0f} "
             f"| {jm:,.0f} | {ratio:.2f}x | {verdict} |"
         )
     table = "\n".join(lines)
     diffs = ", ".join(
-        f"{d}/{impl}/{att}/{ldt} logits {np.abs(out - torch_logits[d]).max():.2e}"
-        for (d, impl, ldt, att), out in jax_logits.items()
+        f"{d}/{att}/{ldt} logits {np.abs(out - torch_logits[d]).max():.2e}"
+        for (d, ldt, att), out in jax_logits.items()
     )
     sanity = (
         f"max |logit diff| jax vs torch: {diffs} (float32: sanity). torch returns logits in "

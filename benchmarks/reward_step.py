@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import os
 import statistics
 import tempfile
@@ -35,12 +34,10 @@ import transformers
 from common import (  # benchmarks/common.py
     TorchProcess,
     add_attention_args,
-    add_matmul_args,
     add_model_args,
     add_output_args,
     append_section,
     available_attention_impls,
-    available_matmul_impls,
     configure_host,
     machine,
     section_head,
@@ -65,7 +62,6 @@ def parse_args() -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed steps per case")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    add_matmul_args(p)
     add_attention_args(p)
     p.add_argument("--peak-f32", type=float, default=190.0, help="GFLOP/s for CPU-MFU")
     p.add_argument("--peak-bf16", type=float, default=350.0, help="GFLOP/s for CPU-MFU")
@@ -160,12 +156,12 @@ def torch_handler(cfg, seed, out_dir, tokens, strength):
     return handle
 
 
-def jax_step_fn(config, params, dtype: str, matmul_impl: str, attention_impl: str):
+def jax_step_fn(config, params, dtype: str, attention_impl: str):
     # Layers fully unrolled (in a training config: model.overrides.scan_unroll): at 4 small
     # layers on CPU this is ~10% faster than the rolled scan (unroll 2 gains nothing).
     config = config.replace(
         dtype=dtype, param_dtype="float32", scan_unroll=config.num_layers,
-        matmul_impl=matmul_impl, attention_impl=attention_impl,
+        attention_impl=attention_impl,
     )  # fmt: skip
     model = RewardModel(config)
     apply = lambda p, b: model.apply({"params": p}, b["tokens"], attention_mask=b["attention_mask"])
@@ -179,13 +175,13 @@ def jax_step_fn(config, params, dtype: str, matmul_impl: str, attention_impl: st
 
 
 def bench(torch_process, config, params, batch, dtype, args):
-    """Step times per framework ("torch", "jax/<matmul_impl>/<attention_impl>"), jax compile
+    """Step times per framework ("torch", "jax/<attention_impl>"), jax compile
     seconds and the first-step losses."""
     runs, losses, compile_s = {"torch": functools.partial(torch_process.call, "run")}, {}, {}
     losses["torch"] = torch_process.call("setup", dtype)
-    for impl, attention in itertools.product(args.matmul_impls, args.attention_impls):
-        name = f"jax/{impl}/{attention}"
-        jstep, state = jax_step_fn(config, params, dtype, impl, attention)
+    for attention in args.attention_impls:
+        name = f"jax/{attention}"
+        jstep, state = jax_step_fn(config, params, dtype, attention)
         t0 = time.perf_counter()
         state, metrics = jstep(state, batch)
         losses[name] = float(metrics["loss"][0]) / float(metrics["loss"][1])
@@ -207,7 +203,6 @@ def bench(torch_process, config, params, batch, dtype, args):
 def main() -> None:
     args = parse_args()
     configure_host()
-    args.matmul_impls = available_matmul_impls(args.matmul_impls)
     args.attention_impls = available_attention_impls(args.attention_impls)
     if args.torch_threads:  # for the report; the child process sets its own
         torch.set_num_threads(args.torch_threads)
@@ -234,7 +229,7 @@ def main() -> None:
     load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     print(f"{machine()}; {load}\ntorch threads {torch.get_num_threads()}")
     lines = [
-        "| dtype | framework (jax: matmul/attention) | median s | best s | tok/s (best) "
+        "| dtype | framework (jax: attention) | median s | best s | tok/s (best) "
         "| CPU-MFU (best) | jax/torch | target |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]

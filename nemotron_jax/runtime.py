@@ -19,12 +19,15 @@ about 202,000 faults (800 MB) and a fifth of its time there. Two settings remove
    process keeps its peak heap, which a training process reaches on its first step anyway.
 
 Both are process-wide, so they also apply to anything else in the process (torch included; it is
-not slowed by them). Set NEMOTRON_JAX_CPU_TUNING=0 to leave the process as it is.
+not slowed by them). They are applied only when JAX's default backend will be the CPU (no GPU or
+TPU plugin installed, or JAX_PLATFORMS starting with cpu): on an accelerator host the step's
+buffers live on the device. Set NEMOTRON_JAX_CPU_TUNING=0 to leave the process as it is.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 
 # glibc's mallopt parameter numbers (malloc.h).
@@ -53,6 +56,27 @@ def _backends_started() -> bool:
     return backends_are_initialized()
 
 
+# Distributions whose presence makes a GPU or TPU JAX's default backend.
+_ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm", "libtpu")
+
+
+def _default_backend_is_cpu() -> bool:
+    """Whether JAX's default backend is (or, before it starts, will be) the CPU, without
+    starting it: asking `jax.default_backend()` first would create the clients."""
+    import jax
+
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if _backends_started():
+        return jax.default_backend() == "cpu"
+    names = {
+        (d.metadata["Name"] or "").lower().replace("_", "-")
+        for d in importlib.metadata.distributions()
+    }
+    return not any(name.startswith(_ACCELERATOR_PLUGINS) for name in names)
+
+
 def configure_cpu(enabled: bool | None = None) -> dict[str, str]:
     """Applies the settings above; returns what each one did (for logs and benchmark headers).
 
@@ -64,6 +88,8 @@ def configure_cpu(enabled: bool | None = None) -> dict[str, str]:
         enabled = os.environ.get("NEMOTRON_JAX_CPU_TUNING", "1") != "0"
     if not enabled:
         return {"cpu_tuning": "off"}
+    if not _default_backend_is_cpu():
+        return {"cpu_tuning": "not applied: the default backend is an accelerator"}
     done = {}
     if _backends_started():
         done["async_dispatch"] = "unchanged: JAX's CPU client already exists"

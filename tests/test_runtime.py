@@ -74,3 +74,23 @@ def test_configure_cpu_after_backend_start_says_dispatch_is_unchanged():
     done = runtime.configure_cpu(enabled=True)
     assert done["async_dispatch"] == "unchanged: JAX's CPU client already exists"
     assert runtime.configure_cpu(enabled=False) == {"cpu_tuning": "off"}
+
+
+@pytest.mark.parametrize("platforms", ["cuda", "tpu,cpu"])
+def test_configure_cpu_leaves_an_accelerator_host_alone(platforms):
+    """When the default backend will be an accelerator, neither setting is applied (and no JAX
+    client is started to find that out)."""
+    probe = (
+        "import json; from nemotron_jax import runtime; done = runtime.configure_cpu(); "
+        "print(json.dumps({'done': done, 'started': runtime._backends_started()}))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": platforms, "NEMOTRON_JAX_CPU_TUNING": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "done": {"cpu_tuning": "not applied: the default backend is an accelerator"},
+        "started": False,
+    }
