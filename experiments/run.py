@@ -34,7 +34,7 @@ def main(argv) -> None:
     from nemotron_jax import runtime
 
     runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
-    from nemotron_jax.train import run_experiment
+    from nemotron_jax.experiment import run_experiment
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)

@@ -340,37 +340,3 @@ def iter_leaf_slices(path, leaf_path: LeafPath | str) -> Iterator[np.ndarray]:
         _malloc_trim()  # return the decode buffers before the caller holds on to `x`
         yield x
 
-
-# --- model checkpoints: params + the LlamaConfig that shapes them ----------------------------
-
-MODEL_CONFIG = "model_config"
-
-
-def save_model_streaming(
-    path, config, reader: FillFn, *, source: str | None = None, metadata: Mapping | None = None
-) -> None:
-    """Streams a Llama params checkpoint from `reader(path, layer)` (see
-    `nemotron_jax.convert.hf_llama.make_reader`), with the config (and `metadata`) in its
-    metadata."""
-    from nemotron_jax.models.llama import abstract_params
-
-    metadata = {**(metadata or {}), MODEL_CONFIG: config.to_dict(), "source": source}
-    save_params_streaming(path, abstract_params(config), reader, metadata=metadata)
-
-
-def load_model_config(path):
-    """The `LlamaConfig` saved with a model checkpoint."""
-    from nemotron_jax.models.llama import LlamaConfig
-
-    metadata = read_metadata(path)
-    if MODEL_CONFIG not in metadata:
-        raise CheckpointError(f"{path}: metadata has no {MODEL_CONFIG!r}; not a model checkpoint")
-    return LlamaConfig.from_dict(metadata[MODEL_CONFIG])
-
-
-def load_model(path, *, shardings=None):
-    """(config, params) of a model checkpoint; `shardings` as in `restore_params`."""
-    from nemotron_jax.models.llama import abstract_params
-
-    config = load_model_config(path)
-    return config, restore_params(path, abstract_params(config), shardings=shardings)

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from nemotron_jax import checkpoint
+from nemotron_jax import artifact, checkpoint
 from nemotron_jax.errors import CheckpointError, ConfigError
 
-HEAD_KEY = "reward_head"
-TOKENIZER_FILE = "tokenizer.model"
+HEAD_KEY = artifact.HEAD_KEY["reward_model"]
 
 
 def _check_same_leaves(base_dir, tuned_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
@@ -77,7 +76,7 @@ def extrapolate(
     Args:
         base_dir: params checkpoint of the starting point (stage-1 RM).
         tuned_dir: params checkpoint trained from it (stage-2 RM); its dtypes, metadata and
-            `tokenizer.model` are what `out_dir` gets.
+            tokenizer file are what `out_dir` gets.
         out_dir: checkpoint directory to create (must not exist).
         alpha: extrapolation strength; 0 copies tuned exactly.
         include_head: also extrapolate the reward head; False copies the tuned head unchanged.
@@ -115,9 +114,7 @@ def extrapolate(
     checkpoint.save_params_streaming(
         out_dir, _abstract_tree(leaves), fill, metadata=metadata, progress=progress
     )
-    tok = Path(tuned_dir) / TOKENIZER_FILE
-    if tok.exists():
-        shutil.copyfile(tok, Path(out_dir) / TOKENIZER_FILE)
+    artifact.copy_tokenizer(tuned_dir, out_dir)
     return metadata
 
 
@@ -201,11 +198,11 @@ def sweep(
             extrapolate(
                 base_dir, tuned_dir, path, alpha=alpha, include_head=include_head, progress=progress
             )
-        bundle = load_reward_model(path, mesh=mesh)
+        model = load_reward_model(path, mesh=mesh)
         chosen, rejected, _ = score_pairs(
-            bundle, eval_rows, batch_size=batch_size, max_len=max_len, progress=progress
+            model, eval_rows, batch_size=batch_size, max_len=max_len, progress=progress
         )
-        del bundle  # free the device copy before the next alpha's
+        del model  # free the device copy before the next alpha's
         gaps = chosen - rejected
         scored = ~np.isnan(gaps)
         table.append(

@@ -56,7 +56,7 @@ def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation
         warmup_steps=optim.warmup_steps,
         total_steps=total_steps,
         schedule=optim.schedule,
-        min_lr=optim.get("min_lr"),
+        min_lr=optim.min_lr,
     )
     return optax.chain(
         optax.clip_by_global_norm(optim.clip_norm),

@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nemotron_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -56,17 +58,27 @@ DEFAULT_RULES: Rules = (
 )
 
 
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
 def validate_rules(rules: Rules, mesh_axes: Sequence[str] = MESH_AXES) -> None:
-    """Rejects duplicate logical names and mesh axes that do not exist."""
+    """Rejects duplicate or unknown logical names and mesh axes that do not exist."""
     seen = set()
     for name, target in rules:
         if name in seen:
-            raise ValueError(f"logical axis {name!r} has more than one sharding rule")
+            raise ConfigError(f"logical axis {name!r} has more than one sharding rule")
+        if name not in LOGICAL_AXES:
+            raise ConfigError(
+                f"rule {name!r}: no logical axis {name!r}; choose from {LOGICAL_AXES}"
+            )
         seen.add(name)
         targets = (target,) if isinstance(target, str) or target is None else target
         for axis in targets:
             if axis is not None and axis not in mesh_axes:
-                raise ValueError(f"rule {name!r} -> {target!r}: no mesh axis {axis!r}")
+                raise ConfigError(
+                    f"rule {name!r} -> {target!r}: no mesh axis {axis!r}; choose from "
+                    f"{tuple(mesh_axes)} or None"
+                )
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:

@@ -50,10 +50,10 @@ from experiments.configs import rm_ablation
 from nemotron_jax import runtime
 from nemotron_jax.data import helpsteer2
 from nemotron_jax.data.pipeline import preference_splits
+from nemotron_jax.data.splits import data_dir
 from nemotron_jax.eval import rewardbench
+from nemotron_jax.experiment import run_experiment
 from nemotron_jax.metrics import read_metrics
-from nemotron_jax.train import run_experiment
-from nemotron_jax.train.objectives import data_dir
 
 runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
 
@@ -115,7 +115,7 @@ plt.show()
 
 # %%
 first = config.stages[stages[0]]
-pref_path = helpsteer2.find_helpsteer2_file(data_dir(first), "preference")
+pref_path = helpsteer2.find_helpsteer2_file(data_dir(first.data), "preference")
 rows, _ = helpsteer2.read_preferences(pref_path)
 val_pairs = [r for r in preference_splits(rows)["validation"] if r.preference_strength]
 strength = np.array([abs(r.preference_strength) for r in val_pairs])
@@ -124,8 +124,8 @@ models = [s for s in stages if "bt" in s or s == "1_regression_helpfulness"] + [
 fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 3), sharey=True)
 summary = {}
 for ax, name in zip(axes, models, strict=True):
-    bundle = rewardbench.load_reward_model(WORKDIR / name / "params")
-    chosen, rejected, _ = rewardbench.score_pairs(bundle, val_pairs, progress=False)
+    model = rewardbench.load_reward_model(WORKDIR / name / "params")
+    chosen, rejected, _ = rewardbench.score_pairs(model, val_pairs, progress=False)
     gap = chosen - rejected
     for m in (1, 2, 3):
         if np.any(strength == m):

@@ -46,8 +46,8 @@ from IPython.display import Markdown, display
 
 from experiments.configs import reinforce, rm_bt, sft
 from nemotron_jax import runtime
+from nemotron_jax.experiment import run_experiment
 from nemotron_jax.metrics import read_metrics
-from nemotron_jax.train import run_experiment
 
 runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
 

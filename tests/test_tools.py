@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from nemotron_jax.checkpoint import load_model, read_metadata
+from nemotron_jax import artifact
+from nemotron_jax.checkpoint import read_metadata
 from nemotron_jax.convert import load_hf
 from nemotron_jax.convert.hf_llama import HFCheckpoint
 from tests.conftest import REPO
@@ -34,7 +35,8 @@ def test_hf_to_orbax_to_hf_bit_exact(tmp_path):
 
     r = run_tool("convert_from_hf.py", "--hf-dir", tmp_path / "src", "--out", tmp_path / "ckpt")
     assert r.returncode == 0, r.stderr
-    config, params = load_model(tmp_path / "ckpt")
+    model = artifact.load(tmp_path / "ckpt")
+    config, params = model.config, model.params
     # How the model reads text is recorded (defaults: the Llama-3.1 tokenizer and template).
     meta = read_metadata(tmp_path / "ckpt")
     assert (meta["kind"], meta["tokenizer"], meta["template"]) == ("causal_lm", "llama3", "llama3")

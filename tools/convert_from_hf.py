@@ -10,7 +10,7 @@ holds the params (`CKPT/params`), the model config (`CKPT/metadata`, key `model_
 tokenizer files found in the HF dir (`CKPT/tokenizer/`); `--tokenizer` and `--template` record
 how the model reads text (default: the Llama-3.1 tokenizer and chat template), which the
 training and evaluation tools check. Read it back with
-`nemotron_jax.checkpoint.load_model(CKPT)` (an LM) or `restore_params(CKPT)` (a reward model).
+`nemotron_jax.artifact.load(CKPT)`.
 
 Reward models: a `LlamaForSequenceClassification` directory, or with `--as-reward-model` a
 `LlamaForCausalLM` whose lm_head row 0 is the reward (NVIDIA's Nemotron-Reward-HF layout),
@@ -60,7 +60,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from nemotron_jax.checkpoint import MODEL_CONFIG, save_model_streaming, save_params_streaming
+    from nemotron_jax import artifact
     from nemotron_jax.convert.hf_llama import (
         abstract_params_for,
         copy_tokenizer_files,
@@ -69,9 +69,6 @@ def main() -> int:
     )
     from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
-    inputs = {"template": args.template}
-    if args.tokenizer != "none":
-        inputs["tokenizer"] = args.tokenizer
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
     config, ckpt = open_hf(args.hf_dir, as_reward_model=args.as_reward_model, **overrides)
     kind = ckpt.kind
@@ -79,28 +76,21 @@ def main() -> int:
         f"{args.hf_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "
         f"{len(ckpt.names)} tensors, storing {config.param_dtype}"
     )
-    reader = make_reader(config, ckpt)
     if kind.is_reward:
         print(
             f"reading it as a reward model ({kind.kind}): the HF reward row goes to head slot "
             f"{HELPFULNESS_SLOT} of {kind.num_attributes}, other slots and the bias are zero"
         )
-        metadata = {
-            MODEL_CONFIG: config.to_dict(),
-            **kind.metadata(),
-            **inputs,
-            "source": str(args.hf_dir),
-        }
-        abstract = abstract_params_for(config, kind.kind, kind.num_attributes)
-        save_params_streaming(args.out, abstract, reader, metadata=metadata)
-    else:
-        save_model_streaming(
-            args.out,
-            config,
-            reader,
-            source=str(args.hf_dir),
-            metadata={**inputs, "kind": "causal_lm"},
-        )
+    artifact.save(
+        args.out,
+        abstract_params_for(config, kind.kind, kind.num_attributes),
+        fill_fn=make_reader(config, ckpt),
+        config=config,
+        **kind.metadata(),
+        tokenizer=None if args.tokenizer == "none" else args.tokenizer,
+        template=args.template,
+        extra={"source": str(args.hf_dir)},
+    )
     tok_dir = os.path.join(args.out, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     copied = copy_tokenizer_files(args.hf_dir, tok_dir)

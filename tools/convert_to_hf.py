@@ -36,16 +36,6 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
 
 
-def checkpoint_kind(ckpt: str, metadata: dict) -> str:
-    """ "reward_model" or "causal_lm": the metadata's `kind`, else what the leaves show (LM
-    checkpoints written by convert_from_hf.py carry no kind)."""
-    from nemotron_jax.checkpoint import saved_leaves
-
-    if metadata.get("kind"):
-        return metadata["kind"]
-    return "reward_model" if ("reward_head", "kernel") in saved_leaves(ckpt) else "causal_lm"
-
-
 @cli_main
 def main() -> int:
     from nemotron_jax.convert.hf_llama import DEFAULT_SHARD_BYTES, KINDS, REWARD_KINDS
@@ -77,13 +67,14 @@ def main() -> int:
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1e9)
     args = parser.parse_args()
 
-    from nemotron_jax.checkpoint import load_model_config, read_leaf, read_metadata
+    from nemotron_jax import artifact
+    from nemotron_jax.checkpoint import read_leaf
     from nemotron_jax.convert import save_hf
     from nemotron_jax.convert.hf_llama import read_reward_head_info
     from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
-    config = load_model_config(args.ckpt)
-    ckpt_kind = checkpoint_kind(args.ckpt, read_metadata(args.ckpt))
+    model = artifact.load(args.ckpt, restore=False)
+    config, ckpt_kind = model.config, model.kind
     reward_export = args.kind in REWARD_KINDS
     if reward_export and ckpt_kind != "reward_model":
         raise ConfigError(
@@ -111,17 +102,17 @@ def main() -> int:
             reward_slot=slot, reward_weights=args.reward_weights, pad_token_id=args.pad_token_id
         )
 
-    tok_dir = os.path.join(args.ckpt, "tokenizer")
+    tok_dir = os.path.join(model.path, "tokenizer")
     save_hf(
         args.out,
         config,
-        lambda path, layer: read_leaf(args.ckpt, path, layer),
+        lambda path, layer: read_leaf(model.path, path, layer),
         kind=args.kind,
         dtype=args.dtype,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
         # Converted HF checkpoints keep tokenizer files in CKPT/tokenizer/; training runs keep
         # their SentencePiece model as CKPT/tokenizer.model.
-        tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else args.ckpt,
+        tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else model.path,
         progress=True,
         **reward_args,
     )

@@ -78,9 +78,9 @@ def main() -> int:
         rows, read_report = read_rewardbench(args.data)
         if not rows:
             raise ConfigError(f"{args.data}: no rows")
-        bundle = rb.load_reward_model(args.ckpt)
+        model = rb.load_reward_model(args.ckpt)
         chosen, rejected, fmt = rb.score_pairs(
-            bundle,
+            model,
             rows,
             batch_size=args.batch_size,
             slot=args.slot,
@@ -95,10 +95,10 @@ def main() -> int:
         if args.save_scores:
             rb.write_scores(args.save_scores, rows, chosen, rejected)
         info.update(
-            ckpt=bundle.path,
+            ckpt=model.path,
             data=args.data,
-            template=args.template or bundle.template,
-            max_len=args.max_len or bundle.max_len,
+            template=args.template or model.template,
+            max_len=args.max_len or model.max_len,
             truncation=args.truncation,
             slot=args.slot,
             weights=_weights(args.weights),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from nemotron_jax import sharding
 from nemotron_jax.errors import ConfigError
 
 MODELS = ("tiny", "llama3.1-8b", "llama3.1-70b", "llama3.1-405b")
@@ -34,11 +35,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
-    """Defaults for every training config; each file changes a handful of fields."""
+    """Defaults for every training config; each file changes a handful of fields.
+
+    Every field the training code reads is declared here, so that `--config.<field>=<value>`
+    reaches it and a misspelt one fails.
+    """
     c = ml_collections.ConfigDict()
-    c.name = name
-    c.seed = 0
-    c.objective = objective  # regression | regular_bt | margin_bt | scaled_bt | sft
+    c.name = name  # the progress bar's label
+    c.seed = 0  # parameter init, data order and sampling all derive from it
+    # regression | regular_bt | margin_bt | scaled_bt | sft | reinforce
+    # (nemotron_jax/train/objectives/__init__.py: OBJECTIVES)
+    c.objective = objective
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # tiny | llama3.1-8b | llama3.1-70b | llama3.1-405b
@@ -46,6 +53,13 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots
     c.model.num_attributes = 9  # NeMo's 9-slot head (slot 4 = helpfulness)
+    # auto | xla | cudnn | pallas | pallas_interpret | cpu (models.llama.ATTENTION_IMPLS): auto
+    # picks the fused CPU kernel on one CPU device, else XLA's; cudnn and pallas run on GPU,
+    # pallas_interpret is the Pallas kernel interpreted on CPU (tests).
+    c.model.attention_impl = "auto"
+    # Other LlamaConfig fields changed from the preset, e.g. {"num_layers": 4} (a benchmark-
+    # sized model) or {"scan_unroll": 4}; set from Python (the locked dict takes no new keys).
+    c.model.overrides = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.slot = 4  # head slot the BT losses compare (helpfulness, as in the paper)
@@ -68,8 +82,9 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.data.truncation = "truncate"  # truncate (prompt from the left, response whole) | skip
     c.data.attributes = "helpfulness"  # regression targets: helpfulness | all
     c.data.on_bad_row = "raise"  # raise | skip (skipped rows are counted in data_report.json)
-    c.data.synthetic_prompts = 1500
+    c.data.synthetic_prompts = 1500  # size of the generated set (source synthetic)
     c.data.synthetic_seed = 0
+    c.data.sft_min_helpfulness = 3  # sft: train on responses rated at least this helpful (0-4)
 
     c.batch_size = 32  # global, in examples (a pair counts once)
     c.eval_batch_size = 32
@@ -93,12 +108,41 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.optim.min_lr = 0.0
 
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
-    c.init_from = (
-        ""  # params checkpoint: HF-converted backbone or an earlier run's <workdir>/params
-    )
+    # (logical axis, mesh axis or axes or None) for every logical axis the models name; why each
+    # maps where it does is commented in nemotron_jax/sharding.py. Override the whole table, e.g.
+    # --config.sharding_rules="(('embed', None), ...)".
+    c.sharding_rules = sharding.DEFAULT_RULES
+    # params checkpoint: HF-converted backbone or an earlier run's <workdir>/params (REINFORCE:
+    # the initial policy)
+    c.init_from = ""
     c.init_head = True  # also take the reward head from init_from when it has one
-    c.tensorboard = True
-    c.progress = True
+    c.tensorboard = True  # TensorBoard events beside metrics.jsonl
+    c.progress = True  # a tqdm bar
+
+    # REINFORCE only (experiments/configs/reinforce.py sets them); NeMo-Aligner's defaults.
+    c.reference_from = ""  # frozen KL reference policy; "" = init_from
+    c.rm_from = ""  # reward-model params checkpoint ...
+    c.reward_fn = ""  # ... or a Python callable "module:function" (prompts, responses) -> rewards
+    c.rm_slot = 4  # head slot read as the reward (helpfulness)
+    c.rl = ml_collections.ConfigDict()
+    c.rl.num_rollouts_per_prompt = 4  # K
+    c.rl.prompts_per_step = 16  # P; a step samples P * K responses
+    c.rl.beta = 0.01  # KL penalty: reward - beta * KL
+    c.rl.kl_estimator = "abs_k1"  # abs_k1 (NeMo) | k1 (TRL) | k3
+    c.rl.kl_reduce = "mean"  # mean over response tokens (NeMo) | sum (TRL)
+    c.rl.baseline = "rloo_eos"  # rloo_eos: EOS-terminated siblings only (NeMo) | rloo_all (TRL)
+    c.rl.normalize = "sequence"  # sequence: each response weighs 1 (NeMo) | token
+    # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
+    # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
+    # program). They agree to about 1e-7 in float32.
+    c.rl.policy_logprobs = "sampler"
+    c.rl.max_prompt_len = 96  # longer prompts are cut as data.truncation says
+    c.rl.max_new_tokens = 32
+    c.rl.temperature = 1.0
+    c.rl.top_k = 0  # 0: no top-k filter
+    c.rl.top_p = 1.0
+    c.rl.eval_prompts = 64  # held-out prompts scored at each evaluation
+    c.rl.eval_temperature = 1.0
     return c
 
 

@@ -16,8 +16,6 @@ K = 4, baseline over EOS-terminated siblings, several minibatch updates per roll
 temperature 1, no top-k / top-p), with a learning rate and sizes that suit the tiny model on CPU.
 """
 
-import ml_collections
-
 from experiments.configs import common
 
 
@@ -40,30 +38,12 @@ def get_config(arg=None):
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
     c.init_from = a.policy  # initial policy
-    c.reference_from = ""  # frozen KL reference; "" = init_from
-    c.rm_from = a.rm  # reward model params checkpoint
-    c.rm_slot = 4  # head slot read as the reward (helpfulness)
-    c.reward_fn = a.reward_fn  # or a Python callable (prompts, responses) -> rewards
-
-    c.rl = ml_collections.ConfigDict()
-    c.rl.num_rollouts_per_prompt = a.k  # K
-    c.rl.prompts_per_step = 16  # P; a step samples P * K responses
-    c.rl.beta = a.beta  # KL penalty: reward - beta * KL
-    c.rl.kl_estimator = a.kl  # abs_k1 (NeMo) | k1 (TRL) | k3
-    c.rl.kl_reduce = a.kl_reduce  # mean over response tokens (NeMo) | sum (TRL)
-    c.rl.baseline = "rloo_eos"  # rloo_eos: EOS-terminated siblings only (NeMo) | rloo_all (TRL)
-    c.rl.normalize = "sequence"  # sequence: each response weighs 1 (NeMo) | token
-    # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
-    # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
-    # program). They agree to about 1e-7 in float32.
-    c.rl.policy_logprobs = "sampler"
-    c.rl.max_prompt_len = 96
-    c.rl.max_new_tokens = 32
-    c.rl.temperature = 1.0
-    c.rl.top_k = 0
-    c.rl.top_p = 1.0
-    c.rl.eval_prompts = 64  # held-out prompts scored at each evaluation
-    c.rl.eval_temperature = 1.0
+    c.rm_from = a.rm
+    c.reward_fn = a.reward_fn
+    c.rl.num_rollouts_per_prompt = a.k
+    c.rl.beta = a.beta
+    c.rl.kl_estimator = a.kl
+    c.rl.kl_reduce = a.kl_reduce
     c.batch_size = 16  # sequences per optimizer update (minibatch of a rollout batch)
     c.eval_batch_size = 32
 

@@ -12,7 +12,6 @@ from experiments.configs import common
 def get_config(arg=None):
     a = common.parse_arg(arg, model="tiny", init_from="", data="", smoke=False)
     c = common.base_config("sft", "sft")
-    c.data.sft_min_helpfulness = 3
     common.real_model(c, a.model)
     c.init_from = a.init_from
     if a.data:

@@ -1,9 +1,9 @@
 """RewardBench evaluation: score (chosen, rejected) pairs with a trained reward model, then
 aggregate the accuracies exactly as RewardBench does (helpsteer2_spec.md §5).
 
-    bundle = load_reward_model("runs/rm_bt/params")
+    model = load_reward_model("runs/rm_bt/params")
     rows, _ = read_rewardbench("filtered.jsonl")
-    chosen, rejected, fmt = score_pairs(bundle, rows)
+    chosen, rejected, fmt = score_pairs(model, rows)
     report = rewardbench_report([r.subset for r in rows], chosen, rejected)
     print(format_report(report))
 
@@ -28,17 +28,14 @@ reported per subset and under `other`, never folded into a section.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nemotron_jax.errors import CheckpointError, ConfigError, DataError
+from nemotron_jax.errors import ConfigError, DataError
 
 # From rewardbench 0.1.4 (PyPI) `rewardbench/constants.py`, identical in GitHub
 # allenai/reward-bench at commit 05a9005 (after commit 6552e93 fixed the swapped xstest counts);
@@ -359,106 +356,19 @@ def write_scores(path, rows: Sequence[Any], scores_chosen, scores_rejected) -> N
 # --- model scoring ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardModelBundle:
-    """A restored reward model and what its checkpoint records about its inputs.
-
-    Attributes:
-        config: the backbone `LlamaConfig`.
-        params: the params tree, sharded on `mesh`.
-        metadata: the checkpoint's metadata dict.
-        tokenizer: the tokenizer the model was trained with.
-        template: "nemo" or "llama3", or None if the checkpoint does not say.
-        max_len: the training max_len, or None if the checkpoint does not say.
-        num_attributes: A, the head's outputs.
-        mesh: the (data, fsdp, tensor) mesh the params live on.
-        path: the params checkpoint directory.
-    """
-
-    config: Any
-    params: Any
-    metadata: dict[str, Any]
-    tokenizer: Any
-    template: str | None
-    max_len: int | None
-    num_attributes: int
-    mesh: Any = None
-    path: str | None = None
-
-
-def _resolve_params_dir(path) -> Path:
-    """A run's workdir is accepted for its `<workdir>/params` checkpoint."""
-    path = Path(path)
-    if not (path / "params" / "_METADATA").exists() and (path / "params" / "params").is_dir():
-        return path / "params"
-    return path
-
-
-def load_reward_model(params_dir, *, mesh=None, tokenizer=None) -> RewardModelBundle:
-    """Restores a reward-model params checkpoint (e.g. a run's `<workdir>/params`) onto a mesh.
-
-    Args:
-        params_dir: the params checkpoint (a run's workdir also works).
-        mesh: a (data, fsdp, tensor) mesh; default all devices on fsdp (`make_mesh((1, -1, 1))`).
-        tokenizer: overrides the tokenizer the checkpoint records.
-
-    Returns:
-        A `RewardModelBundle` whose params are sharded by `sharding.DEFAULT_RULES` on `mesh`.
+def load_reward_model(params_dir, *, mesh=None, rules=None):
+    """A reward model's `ModelArtifact` (`nemotron_jax.artifact`), params restored on `mesh`.
 
     Raises:
-        CheckpointError: not a params checkpoint, not a reward model, or leaves that do not
-            match the recorded model config.
-        ConfigError: no usable tokenizer recorded, or one larger than the model's vocabulary.
+        CheckpointError: not a params checkpoint, or not a reward model.
+        ConfigError: the recorded tokenizer is larger than the model's vocabulary.
     """
-    import flax.linen as nn
+    from nemotron_jax import artifact
 
-    from nemotron_jax import checkpoint, sharding
-    from nemotron_jax.models.llama import LlamaConfig
-    from nemotron_jax.models.reward import abstract_reward_params
-    from nemotron_jax.train.objectives import load_tokenizer
-
-    path = _resolve_params_dir(params_dir)
-    metadata = checkpoint.read_metadata(path)
-    kind = metadata.get("kind")
-    saved = checkpoint.saved_leaves(path)
-    head = saved.get(("reward_head", "kernel"))
-    if kind != "reward_model" or head is None:
-        raise CheckpointError(
-            f"{path}: not a reward model checkpoint (metadata kind={kind!r}, "
-            f"{'no' if head is None else 'has a'} reward_head); pass a reward-model run's "
-            f"<workdir>/params"
-        )
-    if checkpoint.MODEL_CONFIG not in metadata:
-        raise CheckpointError(f"{path}: metadata has no {checkpoint.MODEL_CONFIG!r}")
-    config = LlamaConfig.from_dict(metadata[checkpoint.MODEL_CONFIG])
-    num_attributes = int(metadata.get("num_attributes") or head[0][1])
-    if head[0][1] != num_attributes:
-        raise CheckpointError(
-            f"{path}: metadata num_attributes={num_attributes} but leaf reward_head/kernel has "
-            f"shape {head[0]}"
-        )
-    mesh = sharding.make_mesh((1, -1, 1)) if mesh is None else mesh
-    boxed = abstract_reward_params(config, num_attributes, boxed=True)
-    params = checkpoint.restore_params(
-        path, nn.unbox(boxed), shardings=sharding.shardings_for(boxed, mesh)
-    )
-    tokenizer = load_tokenizer(str(path), metadata) if tokenizer is None else tokenizer
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{config.vocab_size}"
-        )
-    return RewardModelBundle(
-        config=config,
-        params=params,
-        metadata=metadata,
-        tokenizer=tokenizer,
-        template=metadata.get("template"),
-        max_len=metadata.get("max_len"),
-        num_attributes=num_attributes,
-        mesh=mesh,
-        path=os.fspath(path),
-    )
+    model = artifact.load(params_dir, kind="reward_model", mesh=mesh, rules=rules)
+    if model.tokenizer_name is not None:  # else encoding says that none is recorded
+        artifact.check_vocabulary(model.tokenizer, model.config, f"{model.path}: ")
+    return model
 
 
 def _check_rows(rows: Sequence[Any]) -> None:
@@ -474,14 +384,14 @@ def _check_rows(rows: Sequence[Any]) -> None:
 
 
 def encode_pairs(
-    bundle: RewardModelBundle,
+    model,
     rows: Sequence[Any],
     *,
     max_len: int | None = None,
     template: str | None = None,
     truncation: str = "truncate",
 ):
-    """Tokenizes rows into pair examples with the bundle's tokenizer (row 0 = chosen for
+    """Tokenizes rows into pair examples with the model's tokenizer (row 0 = chosen for
     RewardBench rows; `strength` says which side won for preference rows).
 
     Args:
@@ -494,17 +404,17 @@ def encode_pairs(
     """
     from nemotron_jax.data.pipeline import encode
 
-    template = template or bundle.template
-    max_len = max_len or bundle.max_len
+    template = template or model.template
+    max_len = max_len or model.max_len
     if template is None or max_len is None:
         raise ConfigError(
-            f"{bundle.path}: the checkpoint records no template/max_len; pass them explicitly"
+            f"{model.path}: the checkpoint records no template/max_len; pass them explicitly"
         )
     _check_rows(rows)
     return encode(
         rows,
         kind="pairs",
-        tokenizer=bundle.tokenizer,
+        tokenizer=model.tokenizer,
         template=template,
         max_len=max_len,
         truncation=truncation,
@@ -532,7 +442,7 @@ def _forward(config, num_attributes: int, slot: int, weights: tuple[float, ...] 
 
 
 def score_pairs(
-    bundle: RewardModelBundle,
+    model,
     rows: Sequence[Any],
     *,
     batch_size: int = 8,
@@ -550,7 +460,7 @@ def score_pairs(
     with copies of its first example whose outputs are discarded.
 
     Args:
-        bundle: from `load_reward_model`.
+        model: from `load_reward_model`.
         rows: [N] `RewardBenchRow`s, or `PreferenceRow`s with a nonzero strength.
         batch_size: pairs per forward; rounded up to a multiple of the data-parallel devices.
         slot: the head output read as the reward (4 = helpfulness), unless `weights`.
@@ -574,26 +484,26 @@ def score_pairs(
     from nemotron_jax import sharding
     from nemotron_jax.data.pipeline import make_dataset
 
-    if weights is None and not 0 <= slot < bundle.num_attributes:
-        raise ConfigError(f"reward slot {slot} is outside the {bundle.num_attributes}-slot head")
-    if weights is not None and len(weights) != bundle.num_attributes:
+    if weights is None and not 0 <= slot < model.num_attributes:
+        raise ConfigError(f"reward slot {slot} is outside the {model.num_attributes}-slot head")
+    if weights is not None and len(weights) != model.num_attributes:
         raise ConfigError(
-            f"{len(weights)} merge weights given; the head has {bundle.num_attributes} slots"
+            f"{len(weights)} merge weights given; the head has {model.num_attributes} slots"
         )
     rows = list(rows)
-    encoded = encode_pairs(bundle, rows, max_len=max_len, template=template, truncation=truncation)
+    encoded = encode_pairs(model, rows, max_len=max_len, template=template, truncation=truncation)
     chosen = np.full(len(rows), np.nan)
     rejected = np.full(len(rows), np.nan)
     if len(encoded) == 0:
         return chosen, rejected, encoded.report
 
-    mesh = bundle.mesh if bundle.mesh is not None else sharding.make_mesh((1, -1, 1))
+    mesh = jax.tree.leaves(model.params)[0].sharding.mesh  # where `load_reward_model` put it
     parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     size = math.ceil(batch_size / parallel) * parallel
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     forward = _forward(
-        bundle.config,
-        bundle.num_attributes,
+        model.config,
+        model.num_attributes,
         slot,
         None if weights is None else tuple(float(w) for w in weights),
         mesh,
@@ -610,7 +520,7 @@ def score_pairs(
                 x = np.asarray(batch[key])
                 pad = np.repeat(x[:1], size - n, axis=0)
                 inputs.append(jax.device_put(np.concatenate([x, pad]), batch_sharding))
-            rewards = np.asarray(jax.device_get(forward(bundle.params, *inputs)))[:n]  # [n, 2]
+            rewards = np.asarray(jax.device_get(forward(model.params, *inputs)))[:n]  # [n, 2]
             index = np.asarray(batch["index"])
             # strength < 0: row 0 (response_1, or RewardBench's chosen) won; > 0: row 1 won.
             first_won = np.asarray(batch["strength"]) < 0
@@ -620,13 +530,13 @@ def score_pairs(
 
 
 def evaluate(
-    bundle: RewardModelBundle, rows: Sequence[Any], **score_options
+    model, rows: Sequence[Any], **score_options
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Any]:
     """`score_pairs` then `rewardbench_report` on RewardBench rows.
 
     Returns:
         (report, scores_chosen [N], scores_rejected [N], FormatReport).
     """
-    chosen, rejected, fmt = score_pairs(bundle, rows, **score_options)
+    chosen, rejected, fmt = score_pairs(model, rows, **score_options)
     report = rewardbench_report([r.subset for r in rows], chosen, rejected)
     return report, chosen, rejected, fmt

@@ -1,4 +1,4 @@
-"""The one training loop, shared by every objective (regression, the BT variants, SFT).
+"""The one training loop, shared by every objective (`nemotron_jax/train/objectives/`).
 
     run(config, workdir) -> final metrics
 
@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from nemotron_jax import checkpoint as params_ckpt
-from nemotron_jax import sharding
+from nemotron_jax import artifact, sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
@@ -47,12 +46,6 @@ def validate(config, mesh) -> None:
         raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {dp}")
     if config.num_steps <= 0:
         raise ConfigError(f"num_steps must be positive, got {config.num_steps}")
-    if objectives.model_config(config).matmul_impl == "onednn" and mesh.size > 1:
-        # The custom call has no partitioning rule: every device would compute every product.
-        raise ConfigError(
-            f"model.overrides.matmul_impl 'onednn' runs on one CPU device, but the mesh "
-            f"{dict(mesh.shape)} has {mesh.size}; set mesh to (1, 1, 1) or use 'xla'"
-        )
 
 
 def _abstract_state(objective, tx, rng):
@@ -68,10 +61,14 @@ def run(config, workdir: str) -> dict[str, float]:
     jax.config.update("jax_threefry_partitionable", True)
     mesh = sharding.make_mesh(tuple(config.mesh))
     validate(config, mesh)
-    rules = tuple(tuple(r) for r in config.get("sharding_rules") or sharding.DEFAULT_RULES)
+    rules = tuple(tuple(rule) for rule in config.sharding_rules)
+    try:
+        sharding.validate_rules(rules)
+    except ConfigError as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from None
 
     objective = objectives.build(config)
-    data = objectives.build_data(config, objective, mesh, rules)
+    data = objective.make_data(mesh, rules)
     # Online objectives make several optimizer updates per step (one per rollout minibatch).
     tx = make_optimizer(config.optim, config.num_steps * data.train.updates_per_step)
     rng = jax.random.PRNGKey(config.seed)
@@ -112,7 +109,7 @@ def run(config, workdir: str) -> dict[str, float]:
             print(f"resumed from {workdir}/checkpoints step {start}")
         else:
             state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_sharding)()
-            if config.get("init_from"):
+            if config.init_from:
                 state["params"] = objective.load_init(
                     config.init_from,
                     state["params"],
@@ -143,14 +140,14 @@ def run(config, workdir: str) -> dict[str, float]:
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
             return finish_metrics(jax.device_get(total)) if total is not None else {}
 
-        writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+        writer = MetricWriter(workdir, tensorboard=config.tensorboard)
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
             json.dump(data.report, f, indent=2)
         bar = tqdm(
             total=config.num_steps,
             initial=start,
-            desc=config.get("name", "train"),
-            disable=not config.get("progress", True),
+            desc=config.name,
+            disable=not config.progress,
         )
         last_eval: dict[str, float] = {}
         tokens_seen, t0 = 0, time.perf_counter()
@@ -199,13 +196,21 @@ def run(config, workdir: str) -> dict[str, float]:
 
         # The trained parameters as a params checkpoint: what `init_from` and the export tools read.
         export = os.path.join(workdir, "params")
-        metadata = {**objective.metadata(), **objectives.tokenizer_metadata(config, data.tokenizer)}
         stale = export + ".stale"
         if os.path.exists(export):  # from a shorter run of this workdir; replace it
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(export, stale)
-        params_ckpt.save_params(export, state["params"], metadata=metadata)
-        objectives.save_tokenizer(data.tokenizer, export)
+        artifact.save(
+            export,
+            state["params"],
+            config=objective.model_config,
+            kind=objective.kind,
+            num_attributes=objective.num_attributes,
+            tokenizer=data.tokenizer,
+            template=config.data.template,
+            max_len=config.data.max_len,
+            extra={"objective": objective.name},
+        )
         shutil.rmtree(stale, ignore_errors=True)
     manager.close()
     return last_eval

@@ -9,7 +9,7 @@ One step, NeMo-Aligner's REINFORCE (`helpsteer2_spec.md` §4.2):
 4. per-token log-probs of the responses under the policy and the frozen reference policy;
 5. KL-shaped reward R - beta * KL, a leave-one-out baseline over each prompt's K samples and
    the advantage (`nemotron_jax.losses.reinforce`);
-6. hand the P*K sequences to the loop as minibatches of `config.batch_size`, in generation order
+6. hand the P*K sequences to the loop as minibatches of `minibatch_size`, in generation order
    (the baseline was computed on whole groups first), for that many optimizer steps.
 
 Policy, reference and reward model live in one program on one mesh; nothing is served. The
@@ -33,8 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nemotron_jax import checkpoint as params_ckpt
-from nemotron_jax import sharding
+from nemotron_jax import artifact, sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses import lm as lm_losses
 from nemotron_jax.losses.reinforce import (
@@ -50,9 +49,9 @@ from nemotron_jax.sampling import SamplingConfig, make_generate_fn, response_seq
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
-def check_config(config, model_config: LlamaConfig, dp: int) -> None:
-    """Fails at start, naming the config key, on REINFORCE settings that cannot work."""
-    rl = config.rl
+def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
+    """Fails at start, naming the config key, on REINFORCE settings (`ReinforceSettings`) that
+    cannot work."""
     k, p = rl.num_rollouts_per_prompt, rl.prompts_per_step
     if k < 1 or p < 1:
         raise ConfigError(
@@ -78,10 +77,10 @@ def check_config(config, model_config: LlamaConfig, dp: int) -> None:
     if rl.baseline not in ("rloo_eos", "rloo_all"):
         raise ConfigError(f"config.rl.baseline {rl.baseline!r}; choose rloo_eos or rloo_all")
     rollout = p * k
-    if rollout % config.batch_size:
+    if rollout % rl.minibatch_size:
         raise ConfigError(
             f"config.rl.prompts_per_step x num_rollouts_per_prompt = {rollout} is not a multiple "
-            f"of config.batch_size {config.batch_size} (the minibatch of one update)"
+            f"of config.batch_size {rl.minibatch_size} (the minibatch of one update)"
         )
     if rollout % dp:
         raise ConfigError(
@@ -94,7 +93,7 @@ def check_config(config, model_config: LlamaConfig, dp: int) -> None:
             f"{rl.max_new_tokens} = {total} exceeds the model's context of "
             f"{model_config.max_position_embeddings} tokens"
         )
-    if bool(config.get("rm_from")) == bool(config.get("reward_fn")):
+    if bool(rl.rm_from) == bool(rl.reward_fn):
         raise ConfigError(
             "set exactly one of config.rm_from (a reward-model params checkpoint) "
             "and config.reward_fn ('module:function')"
@@ -116,11 +115,11 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def _check_same_inputs(policy_dir: str, policy_meta: dict, rm) -> None:
+def _check_same_inputs(policy: artifact.ModelArtifact, rm: artifact.ModelArtifact) -> None:
     """The reward model must read the policy's tokens as it was trained to: same tokenizer and
     chat template, else its scores are meaningless."""
-    mine = (policy_meta.get("tokenizer"), policy_meta.get("template"))
-    theirs = (rm.metadata.get("tokenizer"), rm.template)
+    mine = (policy.tokenizer_name, policy.template)
+    theirs = (rm.tokenizer_name, rm.template)
     unknown = [
         name
         for name, a, b in zip(("tokenizer", "template"), mine, theirs, strict=True)
@@ -134,11 +133,9 @@ def _check_same_inputs(policy_dir: str, policy_meta: dict, rm) -> None:
     if any(a is not None and b is not None and a != b for a, b in zip(mine, theirs, strict=True)):
         raise ConfigError(
             f"reward model {rm.path} was trained with tokenizer/template {theirs} but the policy "
-            f"{policy_dir} with {mine}; they must match"
+            f"{policy.path} with {mine}; they must match"
         )
-    from nemotron_jax.train.objectives import TOKENIZER_FILE
-
-    a, b = Path(policy_dir) / TOKENIZER_FILE, Path(rm.path) / TOKENIZER_FILE
+    a, b = (Path(m.path) / artifact.TOKENIZER_FILE for m in (policy, rm))
     if (
         mine[0] == "sentencepiece"
         and a.exists()
@@ -146,7 +143,7 @@ def _check_same_inputs(policy_dir: str, policy_meta: dict, rm) -> None:
         and a.read_bytes() != b.read_bytes()
     ):
         raise ConfigError(
-            f"reward model {rm.path} and policy {policy_dir} use different SentencePiece models"
+            f"reward model {rm.path} and policy {policy.path} use different SentencePiece models"
         )
 
 
@@ -173,56 +170,52 @@ class RolloutSource:
     `set_state` checkpoint the prompt iterator.
     """
 
-    def __init__(self, config, objective, mesh, rules, tokenizer, prompts, eval_prompts):
-        rl = config.rl
-        self.config, self.rl, self.mesh, self.rules = config, rl, mesh, rules
-        self.objective, self.tokenizer = objective, tokenizer
+    def __init__(self, rl, model_config, mesh, rules, policy, tokenizer, prompts, eval_prompts):
+        self.rl, self.model_config, self.mesh, self.rules = rl, model_config, mesh, rules
+        self.tokenizer = tokenizer
         self.k, self.p = rl.num_rollouts_per_prompt, rl.prompts_per_step
-        self.updates_per_step = self.p * self.k // config.batch_size
+        self.updates_per_step = self.p * self.k // rl.minibatch_size
         self.prompts, self.eval_prompts = prompts, eval_prompts
-        self._order = np.random.default_rng(config.seed).permutation(len(prompts.tokens))
+        self._order = np.random.default_rng(rl.seed).permutation(len(prompts.tokens))
         self._cursor = 0
         self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-        self.model = Llama(objective.model_config)
-        self.impl = config.loss.logprobs_impl
+        self.model = Llama(model_config)
+        self.impl = rl.logprobs_impl
         from nemotron_jax.data.tokenizer import generation_stop_ids
 
-        template = config.data.template
         self.sampling = SamplingConfig(
             max_new_tokens=rl.max_new_tokens,
             temperature=rl.temperature,
             top_k=rl.top_k,
             top_p=rl.top_p,
-            stop_tokens=generation_stop_ids(tokenizer, template),
+            stop_tokens=generation_stop_ids(tokenizer, rl.template),
             pad_id=tokenizer.pad_id,
         )
         self.eval_sampling = dataclasses.replace(self.sampling, temperature=rl.eval_temperature)
-        self._load_models(config)
+        self._load_models(policy)
         self._reference_eval: dict[str, Any] | None = None
 
     # --- set-up -----------------------------------------------------------------------------
 
-    def _load_models(self, config) -> None:
-        mcfg = self.objective.model_config
-        boxed = abstract_params(mcfg, boxed=True)
+    def _load_models(self, policy: artifact.ModelArtifact) -> None:
+        rl = self.rl
+        reference = artifact.load(rl.reference_from, kind="causal_lm", restore=False)
+        reference.check_architecture(self.model_config, "reference policy")
+        # In the run's dtypes: the reference may have been saved in others.
+        boxed = abstract_params(self.model_config, boxed=True)
         shardings = sharding.shardings_for(boxed, self.mesh, self.rules)
-        ref_dir = config.get("reference_from") or config.init_from
-        from nemotron_jax.train.objectives import check_model_config, restore_as
-
-        check_model_config(ref_dir, mcfg, "reference policy")
-        self.ref_params = restore_as(ref_dir, nn.unbox(boxed), shardings)
-        policy_meta = params_ckpt.read_metadata(config.init_from)
+        self.ref_params = reference.restore(nn.unbox(boxed), shardings)
 
         self.reward_fn = None
         self.rm = None
-        if config.get("reward_fn"):
-            self.reward_fn = load_reward_fn(config.reward_fn)
+        if rl.reward_fn:
+            self.reward_fn = load_reward_fn(rl.reward_fn)
         else:
-            from nemotron_jax.eval.rewardbench import load_reward_model
-
-            self.rm = load_reward_model(config.rm_from, mesh=self.mesh, tokenizer=self.tokenizer)
-            _check_same_inputs(config.init_from, policy_meta, self.rm)
-            if self.rm.config.vocab_size < self.objective.model_config.vocab_size:
+            self.rm = artifact.load(
+                rl.rm_from, kind="reward_model", mesh=self.mesh, rules=self.rules
+            )
+            _check_same_inputs(policy, self.rm)
+            if self.rm.config.vocab_size < self.model_config.vocab_size:
                 raise ConfigError(
                     f"reward model {self.rm.path} has a smaller vocabulary than the policy"
                 )
@@ -245,7 +238,7 @@ class RolloutSource:
         )
         if self.rm is not None:
             rm_model = RewardModel(self.rm.config, self.rm.num_attributes)
-            slot = self.config.get("rm_slot", 4)
+            slot = self.rl.rm_slot
             self._rm_score = jax.jit(
                 lambda params, tokens, mask: scalar_reward(
                     rm_model.apply({"params": params}, tokens, attention_mask=mask), slot=slot
@@ -306,7 +299,7 @@ class RolloutSource:
         for c in range(self._cursor, self._cursor + self.p):
             epoch, i = divmod(c, n)
             if epoch not in orders:
-                orders[epoch] = np.random.default_rng((self.config.seed, epoch)).permutation(n)
+                orders[epoch] = np.random.default_rng((self.rl.seed, epoch)).permutation(n)
             idx.append(orders[epoch][i])
         self._cursor += self.p
         idx = np.asarray(idx)
@@ -319,7 +312,7 @@ class RolloutSource:
         tokens, mask = self._next_prompts()
         tokens = self._put(np.repeat(tokens, self.k, axis=0))  # [P*K, Tp], prompt-major
         mask = self._put(np.repeat(mask, self.k, axis=0))
-        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.rl.seed), step)
         t0 = time.perf_counter()
         rollout, seqs = jax.block_until_ready(self._generate(params, tokens, mask, rng))
         t1 = time.perf_counter()
@@ -371,7 +364,7 @@ class RolloutSource:
             "eos_rate": float(np.mean(host["is_end"])),
             **timings,
         }
-        size = self.config.batch_size
+        size = self.rl.minibatch_size
         minibatches = [
             jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
             for i in range(self.updates_per_step)
@@ -380,9 +373,9 @@ class RolloutSource:
 
     def _sample_eval(self, params):
         """Samples for every held-out prompt, with the evaluation key (the same at each call)."""
-        size = self.config.eval_batch_size
+        size = self.rl.eval_batch_size
         out = {"rewards": [], "kl": [], "lengths": [], "is_end": []}
-        rng = jax.random.PRNGKey(self.config.seed + 1)
+        rng = jax.random.PRNGKey(self.rl.seed + 1)
         for i in range(0, len(self.eval_prompts.tokens), size):
             tokens = self._put(self.eval_prompts.tokens[i : i + size])
             mask = self._put(self.eval_prompts.mask[i : i + size])
@@ -425,63 +418,41 @@ class RolloutSource:
         }
 
 
-def _unique_prompts(rows) -> tuple[list, int]:
-    seen, out = set(), []
-    for row in rows:
-        key = tuple(row.turns) if hasattr(row, "turns") else (row.prompt,)
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out, len(rows) - len(out)
-
-
-def _encode_prompts(rows, tokenizer, config):
-    from nemotron_jax.data.pipeline import encode
-
-    encoded = encode(
-        rows,
-        kind="prompts",
-        tokenizer=tokenizer,
-        template=config.data.template,
-        max_len=config.rl.max_prompt_len,
-        truncation=config.data.truncation,
-    )
-    n, t = len(encoded), config.rl.max_prompt_len
-    tokens = np.full((n, t), tokenizer.pad_id, np.int32)
+def _prompt_set(encoded) -> PromptSet:
+    n, t = len(encoded), encoded.max_len
+    tokens = np.full((n, t), encoded.pad_id, np.int32)
     mask = np.zeros((n, t), np.int32)
     for i in range(n):
         ex = encoded[i]
         tokens[i], mask[i] = ex["tokens"], ex["attention_mask"]
-    return PromptSet(tokens, mask), encoded.report
+    return PromptSet(tokens, mask)
 
 
-def build(config, objective, mesh, rules, tokenizer, train_rows, eval_rows, read_report):
-    """The REINFORCE data bundle pieces: (RolloutSource, report)."""
+def build(rl, model_config: LlamaConfig, mesh, rules, policy, data):
+    """The REINFORCE batch source and its data report, from `ReinforceSettings`, the initial
+    policy's artifact and the encoded prompt splits (`nemotron_jax.data.splits`, kind
+    "prompts")."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    check_config(config, objective.model_config, dp)
-    train_rows, train_dups = _unique_prompts(train_rows)
-    eval_rows, eval_dups = _unique_prompts(eval_rows)
-    prompts, train_report = _encode_prompts(train_rows, tokenizer, config)
-    if len(prompts.tokens) < config.rl.prompts_per_step:
+    check_settings(rl, model_config, dp)
+    prompts = _prompt_set(data.train)
+    if len(prompts.tokens) < rl.prompts_per_step:
         raise ConfigError(
             f"only {len(prompts.tokens)} training prompts fit config.rl.max_prompt_len "
-            f"{config.rl.max_prompt_len} ({train_report.summary()}); need at least "
-            f"prompts_per_step {config.rl.prompts_per_step}"
+            f"{rl.max_prompt_len} ({data.report['train_encoding']}); need at least "
+            f"prompts_per_step {rl.prompts_per_step}"
         )
-    eval_prompts, eval_report = _encode_prompts(eval_rows, tokenizer, config)
+    eval_prompts = _prompt_set(data.validation)
     # Whole evaluation batches only (they must divide over the devices); the count is reported.
-    n_eval = min(config.rl.eval_prompts, len(eval_prompts.tokens))
-    n_eval -= n_eval % config.eval_batch_size
+    n_eval = min(rl.eval_prompts, len(eval_prompts.tokens))
+    n_eval -= n_eval % rl.eval_batch_size
     eval_prompts = PromptSet(eval_prompts.tokens[:n_eval], eval_prompts.mask[:n_eval])
-    source = RolloutSource(config, objective, mesh, rules, tokenizer, prompts, eval_prompts)
+    source = RolloutSource(
+        rl, model_config, mesh, rules, policy, data.tokenizer, prompts, eval_prompts
+    )
     report = {
-        "read": read_report,
+        **data.report,
         "train_prompts": len(prompts.tokens),
-        "train_duplicate_prompts_merged": train_dups,
-        "train_encoding": train_report.summary(),
         "eval_prompts": n_eval,
-        "eval_duplicate_prompts_merged": eval_dups,
-        "eval_encoding": eval_report.summary(),
         "stop_tokens": list(source.sampling.stop_tokens),
     }
     return source, report

@@ -17,8 +17,8 @@ from nemotron_jax.data.helpsteer2 import PreferenceRow, read_rewardbench
 from nemotron_jax.data.pipeline import encode
 from nemotron_jax.errors import CheckpointError, ConfigError, DataError
 from nemotron_jax.eval import rewardbench as rb
+from nemotron_jax.experiment import run_experiment
 from nemotron_jax.models.reward import RewardModel
-from nemotron_jax.train import run_experiment
 from tests import tolerances
 from tests.conftest import REPO
 

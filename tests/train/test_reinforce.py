@@ -10,8 +10,8 @@ import pytest
 from experiments.configs import reinforce, rm_bt, sft
 from nemotron_jax import checkpoint
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.experiment import run_experiment
 from nemotron_jax.metrics import read_metrics
-from nemotron_jax.train import run_experiment
 from tests import tolerances
 from tests.train.test_loop import _smoke
 

@@ -3,7 +3,7 @@
 import json
 
 from experiments.configs import rm_recipe
-from nemotron_jax.train import run_experiment
+from nemotron_jax.experiment import run_experiment
 
 
 def test_recipe_smoke_writes_table(tmp_path):

@@ -1,5 +1,9 @@
-"""After the training stages of a multi-stage config: ExPO and the Table-1 evaluation.
+"""Runs an experiment config: one training run, or the stages of a multi-stage config followed
+by ExPO and the Table-1 evaluation.
 
+    config.stages    {stage name: training config}, run in name order, each in
+                     <workdir>/<stage name>; a stage's init_from "@<stage>" means that stage's
+                     trained params
     config.expo      base, tuned (stage names), alphas, include_head: sweep alpha on the tuned
                      stage's preference validation pairs, keep the best as <workdir>/3_expo/params
     config.evaluate  data (RewardBench-format .jsonl; default: the synthetic data's held-out
@@ -23,13 +27,44 @@ SECTIONS = ("Chat", "Chat Hard", "Safety", "Reasoning")
 EXPO_STAGE = "3_expo"
 
 
+def run_experiment(config, workdir: str) -> dict[str, Any]:
+    """Runs a config (see the module docstring). Returns the final validation metrics, per stage
+    when there are stages, then ExPO's best alpha and each evaluated stage's Overall score."""
+    from nemotron_jax.train.loop import run
+
+    if "stages" not in config:
+        return run(config, workdir)
+    results = {}
+    for name in sorted(config.stages.keys()):
+        stage = config.stages[name]
+        if stage.init_from.startswith("@"):
+            ref = stage.init_from[1:]
+            if ref not in results:
+                raise ConfigError(
+                    f"stage {name}: init_from {stage.init_from} names no earlier "
+                    f"stage (have {sorted(results)})"
+                )
+            with stage.unlocked():
+                stage.init_from = os.path.join(workdir, ref, "params")
+        print(f"=== stage {name} ===")
+        results[name] = run(stage, os.path.join(workdir, name))
+    if "expo" in config:
+        print(f"=== stage {EXPO_STAGE}: ExPO alpha sweep ===")
+        results[EXPO_STAGE] = run_expo(config, workdir)
+    if "evaluate" in config:
+        print("=== evaluation ===")
+        evaluation = run_evaluation(config, workdir)
+        results["evaluation"] = {stage: headline(r["report"]) for stage, r in evaluation.items()}
+    return results
+
+
 def _validation_pairs(stage_config) -> list:
     """The tuned stage's validation preference pairs, ties dropped (as its training did)."""
     from nemotron_jax.data import helpsteer2
     from nemotron_jax.data.pipeline import preference_splits
-    from nemotron_jax.train.objectives import data_dir
+    from nemotron_jax.data.splits import data_dir
 
-    path = helpsteer2.find_helpsteer2_file(data_dir(stage_config), "preference")
+    path = helpsteer2.find_helpsteer2_file(data_dir(stage_config.data), "preference")
     rows, _ = helpsteer2.read_preferences(path, on_bad_row=stage_config.data.on_bad_row)
     return [r for r in preference_splits(rows)["validation"] if r.preference_strength]
 
@@ -69,12 +104,12 @@ def run_expo(config, workdir: str) -> dict[str, Any]:
 def _eval_file(config, workdir: str) -> Path | None:
     if config.evaluate.data:
         return Path(config.evaluate.data)
-    from nemotron_jax.train.objectives import data_dir
+    from nemotron_jax.data.splits import data_dir
 
     first = config.stages[sorted(config.stages)[0]]
     if first.data.source != "synthetic":
         return None
-    return data_dir(first) / "rewardbench" / "filtered.jsonl"
+    return data_dir(first.data) / "rewardbench" / "filtered.jsonl"
 
 
 def run_evaluation(config, workdir: str) -> dict[str, Any]:
@@ -91,10 +126,8 @@ def run_evaluation(config, workdir: str) -> dict[str, Any]:
         params = Path(workdir) / stage / "params"
         if not params.exists():
             continue
-        bundle = rb.load_reward_model(params)
-        report, *_ = rb.evaluate(
-            bundle, rows, batch_size=config.evaluate.batch_size, progress=False
-        )
+        model = rb.load_reward_model(params)
+        report, *_ = rb.evaluate(model, rows, batch_size=config.evaluate.batch_size, progress=False)
         results[stage] = {"group": group, "variant": variant, "report": report}
     table = format_table(results)
     Path(workdir, "results.md").write_text(f"Evaluated on `{path}`.\n\n{table}\n")

@@ -1,0 +1,165 @@
+"""What the training loop needs of an objective: the model, the loss, a batch source and how an
+initial checkpoint maps onto the parameters. The loop never branches on the objective; each
+family (`nemotron_jax/train/objectives/`) builds one `Objective`.
+
+A batch source has `produce(params, step) -> (batches, metrics)`, `updates_per_step` and
+`get_state` / `set_state` for exact resume. Supervised objectives read one dataset batch per
+step (`DatasetSource`); REINFORCE samples a rollout batch and splits it into minibatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from nemotron_jax import artifact
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.models.llama import LlamaConfig
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Any  # the batch source (see the module docstring)
+    eval_batches: list[dict[str, np.ndarray]]  # the whole validation split, padded
+    report: dict[str, Any]
+    tokenizer: Any
+    # Objectives that evaluate by other means than a loss on eval_batches (REINFORCE: reward
+    # and win rate of samples on held-out prompts): params -> metrics.
+    evaluate: Callable[[Any], dict[str, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One objective, bound to its options.
+
+    Attributes:
+        name: config.objective, recorded in the trained model's metadata.
+        model_config: the architecture trained.
+        module: the Flax module (`Llama` or `RewardModel`).
+        loss_fn: `(outputs, batch) -> (per-example loss [B], weight [B], metrics)`.
+        progress_keys: metrics shown on the progress bar.
+        make_data: `(mesh, rules) -> DataBundle`; the mesh and rules place frozen models that
+            online objectives sample or score with.
+        num_attributes: the reward head's slots A; None for a causal LM.
+        method: the module method `apply` calls (None: `__call__`).
+    """
+
+    name: str
+    model_config: LlamaConfig
+    module: Any
+    loss_fn: Callable
+    progress_keys: tuple[str, ...]
+    make_data: Callable[[Any, Any], DataBundle]
+    num_attributes: int | None = None
+    method: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "causal_lm" if self.num_attributes is None else "reward_model"
+
+    def init(self, rng):
+        """Boxed (logically annotated) parameters; call under jax.eval_shape or jit."""
+        tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+        return self.module.init(rng, tokens, attention_mask=tokens + 1)["params"]
+
+    def apply(self, params, batch):
+        return self.module.apply(
+            {"params": params},
+            batch["tokens"],
+            attention_mask=batch["attention_mask"],
+            method=self.method,
+        )
+
+    def loss(self, outputs, batch):
+        return self.loss_fn(outputs, batch)
+
+    def load_init(self, path: str, params, shardings, *, init_head: bool = True):
+        """Replaces `params` leaves by those of the trained model at `path`: the backbone, and
+        the head of our kind. An LM's head always comes along; a reward head only with
+        `init_head` and when the checkpoint has one (an LM checkpoint has none)."""
+        model = artifact.load(path, restore=False)
+        model.check_architecture(self.model_config, "init_from")
+        head = artifact.HEAD_KEY[self.kind]
+        wanted = set(artifact.BACKBONE_KEYS)
+        if self.kind == "causal_lm" or (init_head and (head, "kernel") in model.saved_leaves()):
+            wanted.add(head)
+        target = {k: v for k, v in params.items() if k in wanted}
+        return {**params, **model.restore(target, {k: shardings[k] for k in target})}
+
+
+def model_config(config) -> LlamaConfig:
+    """The `LlamaConfig` that `config.model` describes."""
+    m = config.model
+    fields = dict(
+        m.overrides,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        remat=m.remat,
+        attention_impl=m.attention_impl,
+    )
+    try:
+        return LlamaConfig.preset(m.preset, **fields)
+    except ConfigError as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+class DatasetSource:
+    """One dataset batch per step; the state is the grain iterator's position."""
+
+    updates_per_step = 1
+
+    def __init__(self, dataset):
+        self._iter = iter(dataset)
+
+    def produce(self, params, step: int) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+        del params, step
+        return [next(self._iter)], {}
+
+    def get_state(self):
+        return self._iter.get_state()
+
+    def set_state(self, state) -> None:
+        self._iter.set_state(state)
+
+
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Completes a short last batch by repeating its first row with example_weight 0."""
+    n = len(next(iter(batch.values())))
+    weight = np.concatenate([np.ones(n, np.float32), np.zeros(size - n, np.float32)])
+    out = {k: np.concatenate([v, np.repeat(v[:1], size - n, axis=0)]) for k, v in batch.items()}
+    out["example_weight"] = weight
+    return out
+
+
+def supervised_data(config, model_config: LlamaConfig, kind: str, drop_ties=False) -> DataBundle:
+    """A dataset batch per step and the whole validation split as eval batches, for `kind`
+    examples (see `nemotron_jax.data.splits`)."""
+    from nemotron_jax.data import splits
+    from nemotron_jax.data.pipeline import make_dataset
+
+    data = splits.load(config.data, kind, drop_ties=drop_ties)
+    artifact.check_vocabulary(data.tokenizer, model_config)
+    train_ds = make_dataset(data.train, batch_size=config.batch_size, seed=config.seed)
+    eval_batches = []
+    if len(data.validation):
+        eval_ds = make_dataset(
+            data.validation,
+            batch_size=config.eval_batch_size,
+            seed=0,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
+        )
+        for batch in eval_ds:
+            batch = dict(batch)
+            n = len(batch["tokens"])
+            if n < config.eval_batch_size:
+                batch = _pad_batch(batch, config.eval_batch_size)
+            else:  # same keys in every eval batch: one compiled eval step
+                batch["example_weight"] = np.ones(n, np.float32)
+            eval_batches.append(batch)
+    return DataBundle(DatasetSource(train_ds), eval_batches, data.report, data.tokenizer)

@@ -1,0 +1,116 @@
+"""REINFORCE: a Llama LM on its own samples, scored by a frozen reward model (or a Python
+function), with a leave-one-out baseline and a KL penalty to a frozen reference policy. Its
+batches come from `nemotron_jax/train/rollouts.py`, which reads only `ReinforceSettings`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from nemotron_jax import artifact
+from nemotron_jax.errors import ConfigError
+from nemotron_jax.losses import get_loss
+from nemotron_jax.models.llama import Llama
+from nemotron_jax.train.objective import DataBundle, Objective, model_config
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceSettings:
+    """What REINFORCE reads of an experiment config: `config.rl` (whose comments in
+    `experiments/configs/common.py` explain each field), the models and the run's sizes."""
+
+    num_rollouts_per_prompt: int  # K
+    prompts_per_step: int  # P
+    beta: float
+    kl_estimator: str
+    kl_reduce: str
+    baseline: str
+    policy_logprobs: str
+    max_prompt_len: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    eval_prompts: int
+    eval_temperature: float
+    policy_from: str  # config.init_from
+    reference_from: str  # "" = the initial policy
+    rm_from: str
+    rm_slot: int
+    reward_fn: str
+    minibatch_size: int  # config.batch_size: sequences per optimizer update
+    eval_batch_size: int
+    seed: int
+    template: str
+    logprobs_impl: str
+
+    @classmethod
+    def from_config(cls, config) -> ReinforceSettings:
+        rl = config.rl
+        return cls(
+            **{f.name: rl[f.name] for f in dataclasses.fields(cls) if f.name in rl},
+            policy_from=config.init_from,
+            reference_from=config.reference_from or config.init_from,
+            rm_from=config.rm_from,
+            rm_slot=config.rm_slot,
+            reward_fn=config.reward_fn,
+            minibatch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            seed=config.seed,
+            template=config.data.template,
+            logprobs_impl=config.loss.logprobs_impl,
+        )
+
+
+def _policy(config):
+    """The initial policy's artifact; it must read the run's chat template."""
+    if not config.init_from:
+        raise ConfigError(
+            "config.init_from must name the initial policy (e.g. an SFT run's <workdir>/params)"
+        )
+    policy = artifact.load(config.init_from, restore=False)
+    if policy.template is not None and policy.template != config.data.template:
+        raise ConfigError(
+            f"config.data.template is {config.data.template!r} but the policy {config.init_from} "
+            f"was trained with {policy.template!r}"
+        )
+    return policy
+
+
+def _data(config, mcfg, mesh, rules) -> DataBundle:
+    from nemotron_jax import sharding
+    from nemotron_jax.data import splits
+    from nemotron_jax.train import rollouts
+
+    policy = _policy(config)
+    # The policy's own tokenizer reads the prompts, unless the config names one.
+    data = splits.load(
+        config.data,
+        "prompts",
+        tokenizer=None if config.data.tokenizer else policy.tokenizer,
+        max_len=config.rl.max_prompt_len,
+    )
+    artifact.check_vocabulary(data.tokenizer, mcfg)
+    mesh = sharding.make_mesh(tuple(config.mesh)) if mesh is None else mesh
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    settings = ReinforceSettings.from_config(config)
+    source, report = rollouts.build(settings, mcfg, mesh, rules, policy, data)
+    return DataBundle(source, [], report, data.tokenizer, evaluate=source.evaluate)
+
+
+def build(config) -> Objective:
+    mcfg = model_config(config)
+    loss = functools.partial(
+        get_loss("reinforce"),
+        implementation=config.loss.logprobs_impl,
+        normalize=config.rl.normalize,
+    )
+    return Objective(
+        name="reinforce",
+        model_config=mcfg,
+        module=Llama(mcfg),
+        loss_fn=loss,
+        progress_keys=("reward_mean", "kl", "response_length"),
+        make_data=lambda mesh, rules: _data(config, mcfg, mesh, rules),
+        method="hidden_and_head",
+    )
