@@ -5,7 +5,8 @@ Run with `python benchmarks/forward.py` or `make bench-forward`; `--help` lists 
 One random tiny `LlamaForCausalLM` is built locally (no download) in the torch child process
 (`common.TorchProcess`: torch keeps an OpenMP runtime of its own), saved with
 `save_pretrained` and loaded into nemotron_jax with `load_hf`, so both frameworks time the same
-weights on the same batch, in alternating rounds. JAX rows cover `attention_impl` (xla, and cpu: the fused CPU kernel, the counterpart of the fused
+weights on the same batch, in alternating rounds. JAX rows cover `attention_impl` (xla, and
+cpu: the fused CPU kernel, the counterpart of the fused
 scaled_dot_product_attention kernel torch runs). The target is jax >= 1.0x torch tokens/s in
 both dtypes; PASS/MISS is informational and the exit code is 0 either way. A section is appended
 to docs/benchmarks.md unless `--no-append` is given. On a machine with few cores, run it with

@@ -38,11 +38,13 @@ from common import (  # noqa: E402  (benchmarks/common.py)
 )
 
 from experiments.configs import reinforce  # noqa: E402
-from nemotron_jax import checkpoint  # noqa: E402
+from nemotron_jax import artifact  # noqa: E402
+from nemotron_jax.data import splits  # noqa: E402
+from nemotron_jax.experiment import run_experiment  # noqa: E402
 from nemotron_jax.metrics import read_metrics  # noqa: E402
 from nemotron_jax.models.llama import LlamaConfig, init_params  # noqa: E402
 from nemotron_jax.models.reward import init_reward_params  # noqa: E402
-from nemotron_jax.train import objectives, run_experiment  # noqa: E402
+from nemotron_jax.train.objective import model_config  # noqa: E402
 
 PHASES = (
     "time_generate",
@@ -73,26 +75,18 @@ def overrides(a: argparse.Namespace) -> dict:
 
 
 def write_models(config, root: Path) -> tuple[str, str]:
-    """Random policy and reward-model params checkpoints with the run's tokenizer metadata."""
-    objective = objectives.build(config)
-    data = Path(objectives.data_dir(config))
-    tokenizer = objectives._tokenizer(config, data)
-    meta = {
-        "model_config": objective.model_config.to_dict(),
-        **objectives.tokenizer_metadata(config, tokenizer),
-    }
-    mcfg: LlamaConfig = objective.model_config
+    """Random policy and reward-model artifacts that read with the run's tokenizer."""
+    mcfg: LlamaConfig = model_config(config)
+    tokenizer = splits.configured_tokenizer(config.data)
+    text = dict(tokenizer=tokenizer, template=config.data.template, max_len=config.data.max_len)
     policy, rm = root / "policy", root / "rm"
-    checkpoint.save_params(
-        policy, init_params(mcfg, jax.random.PRNGKey(0)), metadata={**meta, "kind": "causal_lm"}
+    artifact.save(
+        policy, init_params(mcfg, jax.random.PRNGKey(0)), config=mcfg, kind="causal_lm", **text
     )
-    checkpoint.save_params(
-        rm,
-        init_reward_params(mcfg, jax.random.PRNGKey(1)),
-        metadata={**meta, "kind": "reward_model", "num_attributes": 9},
-    )
-    for d in (policy, rm):
-        objectives.save_tokenizer(tokenizer, str(d))
+    artifact.save(
+        rm, init_reward_params(mcfg, jax.random.PRNGKey(1)), config=mcfg, kind="reward_model",
+        num_attributes=9, **text,
+    )  # fmt: skip
     return str(policy), str(rm)
 
 
@@ -117,7 +111,7 @@ def main() -> None:
         # Random models almost never emit a stop token: every response runs to max_new.
         run_experiment(config, str(root / "run"))
         rows = read_metrics(str(root / "run"), "train")[1:]
-    mcfg = objectives.model_config(config)
+    mcfg = model_config(config)
     med = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     total = sum(med.values())
     n_seq = a.prompts * a.k

@@ -67,13 +67,16 @@ def data_dir(data) -> Path:
     raise ConfigError(f"config.data.source {data.source!r} is unknown; choose from {SOURCES}")
 
 
-def _configured_tokenizer(data, root: Path):
+def configured_tokenizer(data, root: Path | None = None):
+    """The tokenizer `data.tokenizer` names, or the data's own SentencePiece model when empty
+    (`root`: the data directory, default `data_dir(data)`)."""
     from nemotron_jax.data.tokenizer import Llama3Tokenizer, SentencePieceTokenizer
 
     if data.tokenizer == "llama3":
         return Llama3Tokenizer()
     if data.tokenizer:
         return SentencePieceTokenizer.load(data.tokenizer)
+    root = data_dir(data) if root is None else root
     if not (root / "tokenizer.model").exists():
         raise ConfigError(
             "config.data.tokenizer is empty and the data has no tokenizer.model; "
@@ -141,7 +144,7 @@ def load(
     if kind not in SOURCE_OF_KIND:
         raise ConfigError(f"data kind {kind!r} is unknown; choose from {list(SOURCE_OF_KIND)}")
     root = data_dir(data)
-    tokenizer = _configured_tokenizer(data, root) if tokenizer is None else tokenizer
+    tokenizer = configured_tokenizer(data, root) if tokenizer is None else tokenizer
     train, validation, read_report = _read(data, root, SOURCE_OF_KIND[kind])
     report: dict[str, Any] = {"data_dir": str(root), "read": read_report}
     if kind == "sft":
