@@ -5,15 +5,17 @@
 - `per_example_loss` [B] float32: each example's share of the numerator (already multiplied by
   whatever the example counts for; 0 for examples that do not count).
 - `per_example_weight` [B] float32: its share of the denominator.
-- The objective is `sum(loss) / sum(weight)` over the *global* batch (`reduce_loss`). Because
-  the normalisation happens once, after summing, every NeMo normalisation (mean over valid
-  cells, over pairs, over tokens) is exact however examples are split into micro-batches or
-  across devices.
-- `metrics`: dict name -> `(values [B], weights [B])`, both float32. The metric is the weighted
-  mean `Σ values·weights / Σ weights` (`reduce_metrics`); to accumulate over micro-batches, add
-  the `(sum, count)` pairs of `metric_sums` and divide at the end (`metric_means`). A metric
-  whose count is 0 reports 0.
+- `metrics`: dict name -> `(values [B], weights [B])`, both float32; the metric is the weighted
+  mean `Σ values·weights / Σ weights`.
 - `options` are static Python values (bind them with `functools.partial` before jit).
+
+One reduction serves training, evaluation and tests: `batch_sums` turns a batch's outputs into
+`(sum, count)` pairs, "loss" -> `(Σ loss, Σ weight)` and one per metric, which add across
+micro-batches and devices; `metric_means` divides once, at the end (0 where the count is 0).
+Because the normalisation happens once, after summing over the *global* batch, every NeMo
+normalisation (mean over valid cells, over pairs, over tokens) is exact however examples are
+split. Padding is the reduction's business, not a loss's: `batch["example_weight"]` [B] (0 for
+a padding row) scales every example's terms there.
 
 Losses: `regression`, `regular_bt`, `margin_bt`, `scaled_bt` (NeMo-Aligner's names; see
 `losses/reward.py`) and `sft` (`losses/lm.py`).
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs_reference
+from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
     KL_REDUCTIONS,
@@ -69,36 +71,56 @@ def get_loss(name: str) -> LossFn:
     return LOSSES[name]
 
 
+Sums = dict[str, tuple[jax.Array, jax.Array]]
+
+
 def _safe_ratio(total: jax.Array, count: jax.Array) -> jax.Array:
     # An all-zero count (e.g. a batch of ties under "drop") gives 0, not NaN, with finite grads.
     return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
-def reduce_loss(per_example_loss: jax.Array, per_example_weight: jax.Array) -> jax.Array:
-    """The objective: `sum(loss) / sum(weight)` in float32 (0 when the weights sum to 0)."""
-    total = jnp.sum(jnp.asarray(per_example_loss, jnp.float32))
-    return _safe_ratio(total, jnp.sum(jnp.asarray(per_example_weight, jnp.float32)))
+def batch_sums(
+    per_example_loss: jax.Array,
+    per_example_weight: jax.Array,
+    metrics: Mapping[str, tuple[Any, Any]],
+    example_weight: Any = None,
+) -> Sums:
+    """name -> (Σ value·weight, Σ weight) in float32 for "loss" (Σ loss, Σ weight) and every
+    metric: additive across micro-batches and devices.
 
+    `example_weight` [B] (None: all 1) scales each example's terms; a row with weight 0 (padding)
+    adds nothing, even where its outputs are NaN.
+    """
+    if example_weight is not None:
+        example_weight = jnp.asarray(example_weight, jnp.float32)
 
-def metric_sums(metrics: Mapping[str, tuple[Any, Any]]) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """name -> (Σ values·weights, Σ weights): additive across micro-batches and devices."""
-    return {
-        name: (
-            jnp.sum(jnp.asarray(v, jnp.float32) * jnp.asarray(w, jnp.float32)),
-            jnp.sum(jnp.asarray(w, jnp.float32)),
-        )
-        for name, (v, w) in metrics.items()
-    }
+    def scaled(x):  # [B] float32 times example_weight, exactly 0 on padding rows
+        x = jnp.asarray(x, jnp.float32)
+        if example_weight is None:
+            return x
+        return jnp.where(example_weight > 0, x * example_weight, 0.0)
+
+    sums = {"loss": (jnp.sum(scaled(per_example_loss)), jnp.sum(scaled(per_example_weight)))}
+    for name, (values, weights) in metrics.items():
+        weights = scaled(weights)
+        values = jnp.where(weights > 0, jnp.asarray(values, jnp.float32), 0.0)
+        sums[name] = (jnp.sum(values * weights), jnp.sum(weights))
+    return sums
 
 
 def metric_means(sums: Mapping[str, tuple[Any, Any]]) -> dict[str, jax.Array]:
-    """name -> Σ values·weights / Σ weights from `metric_sums` output (0 when the count is 0)."""
+    """name -> Σ / count from `batch_sums` output (0 when the count is 0)."""
     return {name: _safe_ratio(total, count) for name, (total, count) in sums.items()}
 
 
-def reduce_metrics(metrics: Mapping[str, tuple[Any, Any]]) -> dict[str, jax.Array]:
-    """Weighted means of per-example metrics: `metric_means(metric_sums(metrics))`."""
-    return metric_means(metric_sums(metrics))
+def reduce_batch(
+    per_example_loss: jax.Array,
+    per_example_weight: jax.Array,
+    metrics: Mapping[str, tuple[Any, Any]],
+    example_weight: Any = None,
+) -> dict[str, jax.Array]:
+    """One batch's objective ("loss") and metric means: `metric_means(batch_sums(...))`."""
+    return metric_means(batch_sums(per_example_loss, per_example_weight, metrics, example_weight))
 
 
 __all__ = [
@@ -109,12 +131,12 @@ __all__ = [
     "TIE_POLICIES",
     "LossFn",
     "Metrics",
+    "Sums",
+    "batch_sums",
     "get_loss",
     "margin_bt",
     "metric_means",
-    "metric_sums",
-    "reduce_loss",
-    "reduce_metrics",
+    "reduce_batch",
     "regression",
     "regular_bt",
     "reinforce",
@@ -124,5 +146,5 @@ __all__ = [
     "sequence_kl",
     "sft",
     "token_kl",
-    "token_logprobs_reference",
+    "token_logprobs",
 ]

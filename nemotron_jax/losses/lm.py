@@ -1,4 +1,5 @@
-"""Language-model objectives: supervised fine-tuning on next-token cross entropy.
+"""Language-model objectives: supervised fine-tuning on next-token cross entropy, and
+`token_logprobs`, the per-sequence log-probs that it, REINFORCE and the rollouts share.
 
 Same contract as every loss in `nemotron_jax.losses`: per-example loss and weight [B], and the
 objective is `sum(loss) / sum(weight)` over the global batch (here: a mean over target tokens).
@@ -12,36 +13,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.kernels import logprobs as logprob_kernels
+from nemotron_jax.kernels.logprobs.reference import token_logprobs_reference
+from nemotron_jax.sharding import active_mesh
+
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def token_logprobs_reference(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target) [B, T] in float32 from logits [B, T, V] and int targets [B, T].
+def token_logprobs(
+    hidden: jax.Array, lm_head: jax.Array, labels: jax.Array, implementation: str = "chunked"
+) -> jax.Array:
+    """log p(labels) [B, L] float32 from hidden [B, L, D], lm_head [D, V] and int labels [B, L].
 
-    The naive, obviously correct oracle (a full float32 log-softmax); a fused kernel that avoids
-    materialising [B, T, V] in float32 must match it. Targets are already aligned with the logits
-    (no shift here).
+    `nemotron_jax.kernels.token_logprobs` for a batch of sequences: under an active (data, fsdp,
+    tensor) mesh the Pallas kernels run per shard in `shard_map` (GSPMD would replicate them);
+    the pure-JAX implementations are left to GSPMD.
     """
-    logits = jnp.asarray(logits).astype(jnp.float32)
-    targets = jnp.asarray(targets).astype(jnp.int32)
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {logits.shape} do not match targets {targets.shape}")
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def _logprobs(hidden, lm_head, labels, implementation):
-    """log p(labels) [B, L] from hidden [B, L, D]. Pallas kernels run per shard in `shard_map`
-    under a (data, fsdp, tensor) mesh (GSPMD would replicate them); the pure-JAX paths are left
-    to GSPMD."""
-    from nemotron_jax.kernels import token_logprobs, token_logprobs_sharded
-    from nemotron_jax.sharding import active_mesh
-
     b, length, d = hidden.shape
     mesh = active_mesh() if implementation.startswith("pallas") else None
     if mesh is not None:
         # Tokens of one example stay on the example's devices: flatten batch-major.
-        flat = token_logprobs_sharded(
+        flat = logprob_kernels.token_logprobs_sharded(
             hidden.reshape(b * length, d),
             lm_head,
             labels.reshape(b * length),
@@ -49,7 +41,7 @@ def _logprobs(hidden, lm_head, labels, implementation):
             implementation=implementation,
         )
         return flat.reshape(b, length)
-    return token_logprobs(hidden, lm_head, labels, implementation=implementation)
+    return logprob_kernels.token_logprobs(hidden, lm_head, labels, implementation=implementation)
 
 
 def sft_fused(
@@ -73,7 +65,7 @@ def sft_fused(
     hidden, lm_head = outputs
     tokens = jnp.asarray(batch["tokens"])
     mask = jnp.asarray(batch["loss_mask"])[:, 1:].astype(bool)  # [B, T-1]
-    logp = _logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
+    logp = token_logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
     loss = jnp.sum(jnp.where(mask, -logp, 0.0), axis=-1)
     weight = jnp.sum(mask, axis=-1).astype(jnp.float32)
     return loss, weight, {"token_nll": (loss / jnp.maximum(weight, 1.0), weight)}

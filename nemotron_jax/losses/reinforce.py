@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.losses.lm import _logprobs
+from nemotron_jax.losses.lm import token_logprobs
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -247,7 +247,7 @@ def reinforce(
     if advantage.shape != (b,):
         raise ValueError(f"advantage must be [B] = [{b}], got {advantage.shape}")
     mask = response_mask[:, 1:].astype(bool)  # [B, T-1]
-    logp = _logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
+    logp = token_logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
     logp_sum = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)
     n_tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
     mean_logp = logp_sum / jnp.maximum(n_tokens, 1.0)

@@ -12,8 +12,8 @@ Pair losses read `outputs [B, 2, A]` (row 0 = response_1, row 1 = response_2) an
     margin_bt    -log σ(Δ - m)
     scaled_bt    -m log σ(Δ)
 
-Every loss also honours an optional `batch["example_mask"] [B]` (1 = real example), so padding
-examples (a short last batch, a pair dropped as too long) contribute nothing.
+Padding examples (a short last batch) are not a loss's concern: the reduction
+(`nemotron_jax.losses.batch_sums`) scales every example by `batch["example_weight"]`.
 """
 
 from __future__ import annotations
@@ -38,17 +38,6 @@ MASK_VALUE = -100.0
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def _example_mask(batch: Mapping[str, Any], b: int) -> jax.Array:
-    """bool [B] from the optional `example_mask`; all true when absent."""
-    mask = batch.get("example_mask")
-    if mask is None:
-        return jnp.ones((b,), bool)
-    mask = jnp.asarray(mask)
-    if mask.shape != (b,):
-        raise ValueError(f"example_mask must have shape ({b},), got {mask.shape}")
-    return mask.astype(bool)
-
-
 def _metric(values: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(values, weights) in float32; values are zeroed where invalid so a NaN there cannot leak
     into a weighted sum."""
@@ -70,7 +59,7 @@ def regression(
 
     Args:
         outputs: head outputs [B, A].
-        batch: `labels` [B, A] (`mask_value` = not supervised); optional `example_mask` [B].
+        batch: `labels` [B, A] (`mask_value` = not supervised).
         mask_value: the label meaning "missing".
 
     Returns:
@@ -81,7 +70,7 @@ def regression(
     y = jnp.asarray(batch["labels"]).astype(jnp.float32)
     if o.ndim != 2 or y.shape != o.shape:
         raise ValueError(f"regression needs outputs and labels [B, A], got {o.shape}, {y.shape}")
-    cell = (y != mask_value) & _example_mask(batch, o.shape[0])[:, None]  # [B, A]
+    cell = y != mask_value  # [B, A]
     err = jnp.where(cell, o - y, 0.0)
     loss = jnp.sum(err * err, axis=-1)
     weight = jnp.sum(cell, axis=-1).astype(jnp.float32)
@@ -99,11 +88,10 @@ class _Pairs(NamedTuple):
     delta: jax.Array  # [B] r(chosen) - r(rejected)
     margin: jax.Array  # [B] m = |strength|, float32
     scored: jax.Array  # [B] bool: the pair enters the loss
-    ranked: jax.Array  # [B] bool: a real, non-tie pair (the one metrics use)
+    ranked: jax.Array  # [B] bool: a non-tie pair (the one metrics use)
     chosen: jax.Array  # [B] r(chosen)
     rejected: jax.Array  # [B] r(rejected)
     tie: jax.Array  # [B] bool
-    valid: jax.Array  # [B] bool: a real example
 
 
 def _pairs(
@@ -122,29 +110,26 @@ def _pairs(
     strength = jnp.asarray(batch["strength"]).astype(jnp.float32)
     if strength.shape != rewards.shape[:1]:
         raise ValueError(f"strength must have shape ({rewards.shape[0]},), got {strength.shape}")
-    valid = _example_mask(batch, rewards.shape[0])
     tie = strength == 0
     # NeMo: label >= 0 -> row 1 chosen, so under "nemo" a tie is won by response_2. Under "drop"
     # ties are masked out, so the same rule serves both.
     row1 = strength >= 0
     chosen = jnp.where(row1, rewards[:, 1], rewards[:, 0])
     rejected = jnp.where(row1, rewards[:, 0], rewards[:, 1])
-    ranked = valid & ~tie
-    scored = ranked if tie_policy == "drop" else valid
-    return _Pairs(
-        chosen - rejected, jnp.abs(strength), scored, ranked, chosen, rejected, tie, valid
-    )
+    ranked = ~tie
+    scored = ranked if tie_policy == "drop" else jnp.ones_like(tie)
+    return _Pairs(chosen - rejected, jnp.abs(strength), scored, ranked, chosen, rejected, tie)
 
 
 def _pair_metrics(p: _Pairs) -> Metrics:
     """Accuracy (Δ > 0; Δ == 0 counts as wrong), gap and both rewards over non-tie pairs, and
-    `ties`, the fraction of real pairs that are ties."""
+    `ties`, the fraction of pairs that are ties."""
     return {
         "accuracy": _metric(p.delta > 0, p.ranked),
         "reward_gap": _metric(p.delta, p.ranked),
         "reward_chosen": _metric(p.chosen, p.ranked),
         "reward_rejected": _metric(p.rejected, p.ranked),
-        "ties": _metric(p.tie, p.valid),
+        "ties": _metric(p.tie, jnp.ones_like(p.tie)),
     }
 
 
@@ -165,7 +150,7 @@ def regular_bt(
 
     Args:
         outputs: head outputs [B, 2, A]; row 0 = response_1, row 1 = response_2.
-        batch: `strength` [B] (signed, see the module docstring); optional `example_mask` [B].
+        batch: `strength` [B] (signed, see the module docstring).
         slot: the attribute used as the reward (4 = helpfulness).
         weights: [A] merge weights instead of a single slot (see `scalar_reward`).
         tie_policy: "drop" (ties get weight 0) or "nemo" (a tie counts as won by response_2).

@@ -150,15 +150,17 @@ def run(config, workdir: str) -> dict[str, float]:
             disable=not config.progress,
         )
         last_eval: dict[str, float] = {}
-        tokens_seen, t0 = 0, time.perf_counter()
+        # Real tokens of each batch since the last log, summed on the device: no per-step host sync.
+        token_counts, t0 = [], time.perf_counter()
         has_eval = bool(data.eval_batches) or data.evaluate is not None
         for step in range(start, config.num_steps):
             batches, produced = source.produce(state["params"], step)
             t_update = time.perf_counter()
             metrics = None
             for batch in batches:  # one, or a rollout's minibatches
-                tokens_seen += int(np.sum(batch["attention_mask"]))
-                state, m = train_step(state, jax.device_put(batch, batch_sharding))
+                batch = jax.device_put(batch, batch_sharding)
+                token_counts.append(jnp.sum(batch["attention_mask"]))
+                state, m = train_step(state, batch)
                 metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
             if produced:  # an online step: time its updates too
                 jax.block_until_ready(state)
@@ -169,8 +171,9 @@ def run(config, workdir: str) -> dict[str, float]:
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                 elapsed = time.perf_counter() - t0
+                tokens_seen = sum(int(n) for n in jax.device_get(token_counts))
                 metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
-                tokens_seen, t0 = 0, time.perf_counter()
+                token_counts, t0 = [], time.perf_counter()
                 writer.write(done, "train", metrics)
                 bar.set_postfix(
                     {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}

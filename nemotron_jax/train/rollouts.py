@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from nemotron_jax import artifact, sharding
 from nemotron_jax.errors import ConfigError
-from nemotron_jax.losses import lm as lm_losses
+from nemotron_jax.losses.lm import token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
     KL_REDUCTIONS,
@@ -152,7 +152,7 @@ def sequence_logprobs(module: Llama, params, tokens, attention_mask, implementat
     hidden, head = module.apply(
         {"params": params}, tokens, attention_mask=attention_mask, method="hidden_and_head"
     )
-    logp = lm_losses._logprobs(hidden[:, :-1], head, tokens[:, 1:], implementation)
+    logp = token_logprobs(hidden[:, :-1], head, tokens[:, 1:], implementation)
     return jnp.pad(logp, ((0, 0), (1, 0)))
 
 

@@ -4,9 +4,10 @@ Loss functions follow one contract (`nemotron_jax.losses`):
 
     loss_fn(outputs, batch) -> (loss [B], weight [B], metrics {name: (value [B], weight [B])})
 
-and the objective of a batch is `sum(loss) / sum(weight)` over the whole global batch. Summing
-before dividing makes every normalisation exact however the batch is split into micro-batches
-or devices (NeMo's mean over valid attribute cells, mean over pairs, or over sum of m).
+and the objective of a batch is `sum(loss) / sum(weight)` over the whole global batch, reduced
+by `losses.batch_sums` (which also drops padding rows, `example_weight` 0). Summing before
+dividing makes every normalisation exact however the batch is split into micro-batches or
+devices (NeMo's mean over valid attribute cells, mean over pairs, or over sum of m).
 """
 
 from __future__ import annotations
@@ -18,23 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nemotron_jax.losses import LossFn, batch_sums
+
 ApplyFn = Callable[[Any, dict], jax.Array]
-LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array, dict]]
 
 
 def _sums(apply_fn: ApplyFn, loss_fn: LossFn, params, batch):
-    """(sum of losses, (sum of weights, {metric: (weighted sum, weight sum)}))."""
+    """(Σ loss, {"loss": (Σ loss, Σ weight), metric: (weighted sum, weight sum)})."""
     outputs = apply_fn(params, batch)
-    loss, weight, metrics = loss_fn(outputs, batch)
-    # Padding rows added to complete an evaluation batch carry example_weight 0.
-    valid = batch.get("example_weight")
-    if valid is not None:
-        loss, weight = loss * valid, weight * valid
-    sums = {}
-    for name, (value, w) in metrics.items():
-        w = w if valid is None else w * valid
-        sums[name] = (jnp.sum(value * w), jnp.sum(w))
-    return jnp.sum(loss), (jnp.sum(weight), sums)
+    sums = batch_sums(*loss_fn(outputs, batch), batch.get("example_weight"))
+    return sums["loss"][0], sums
 
 
 # optax.tree.norm replaced optax.global_norm; older optax (accelerator images) lacks it.
@@ -60,7 +54,7 @@ def make_train_step(
     def step(state, batch):
         params = state["params"]
         if grad_accum == 1:
-            (loss_sum, (weight_sum, metric_sums)), grads = grad_fn(params, batch)
+            (_, sums), grads = grad_fn(params, batch)
         else:
             micro = _micro_batches(batch, grad_accum)
 
@@ -69,8 +63,9 @@ def make_train_step(
 
             shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            ((loss_sum, (weight_sum, metric_sums)), grads), _ = jax.lax.scan(body, zeros, micro)
+            ((_, sums), grads), _ = jax.lax.scan(body, zeros, micro)
         # A batch whose every example has weight 0 (e.g. only dropped ties) updates nothing.
+        weight_sum = sums["loss"][1]
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -79,11 +74,7 @@ def make_train_step(
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
         }
-        metrics = {
-            **metric_sums,
-            "loss": (loss_sum, weight_sum),
-            "grad_norm": (_global_norm(grads), jnp.ones(())),
-        }
+        metrics = {**sums, "grad_norm": (_global_norm(grads), jnp.ones(()))}
         return new_state, metrics
 
     return step
@@ -93,8 +84,7 @@ def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn):
     """`eval_step(params, batch) -> sums` to be added over a whole split, then `finish_metrics`."""
 
     def eval_step(params, batch):
-        loss_sum, (weight_sum, metric_sums) = _sums(apply_fn, loss_fn, params, batch)
-        return {"loss": (loss_sum, weight_sum), **metric_sums}
+        return _sums(apply_fn, loss_fn, params, batch)[1]
 
     return eval_step
 

@@ -1,4 +1,4 @@
-"""SFT cross entropy (shift by one, masking) and the float32 log-prob oracle."""
+"""SFT cross entropy (shift by one, masking), plain and fused."""
 
 import math
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemotron_jax.losses import reduce_loss, reduce_metrics, sft, token_logprobs_reference
+from nemotron_jax.losses import reduce_batch, sft
 from tests import tolerances
 
 ATOL = tolerances.LOSS_F32
@@ -33,10 +33,11 @@ def test_sft_shift_by_one_and_mask():
     loss, weight, metrics = sft(logits, {"tokens": tokens, "loss_mask": loss_mask})
     _close(loss, [LOG3 + LOG2, LOG2])  # row 0: -log(1/3) - log(1/2) = log 6
     _close(weight, [2.0, 1.0])
-    _close(reduce_loss(loss, weight), (LOG3 + 2 * LOG2) / 3)  # mean over all target tokens
+    means = reduce_batch(loss, weight, metrics)
+    _close(means["loss"], (LOG3 + 2 * LOG2) / 3)  # mean over all target tokens
     # argmax of logits[0] is token 0 (wrong for target 1), of logits[1] token 1 (right).
     _close(metrics["token_accuracy"][0], [0.5, 1.0])
-    _close(reduce_metrics(metrics)["token_accuracy"], 2 / 3)
+    _close(means["token_accuracy"], 2 / 3)
 
 
 def test_sft_gradient_only_on_predicting_positions():
@@ -54,23 +55,6 @@ def test_sft_empty_mask_gives_zero_weight():
     # Row 0 only marks token 0 (never a target); row 1 marks token 1.
     _close(weight, [0.0, 1.0])
     _close(loss, [0.0, LOG3])
-
-
-def test_token_logprobs_reference():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
-    targets = rng.integers(0, 11, (2, 5))
-    want = np.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-    got = token_logprobs_reference(jnp.asarray(logits), targets)
-    assert got.dtype == jnp.float32 and got.shape == (2, 5)
-    _close(got, want)
-    # Stable for huge logits: log p = [-log(1 + e^-1e4), -1e4] = [0, -1e4], no overflow.
-    huge = token_logprobs_reference(jnp.asarray([[[1e4, 0.0], [1e4, 0.0]]]), np.array([[0, 1]]))
-    _close(huge, [[0.0, -1e4]])
-    # bf16 inputs come back as float32.
-    assert token_logprobs_reference(jnp.asarray(logits, jnp.bfloat16), targets).dtype == (
-        jnp.float32
-    )
 
 
 def test_sft_fused_equals_sft_on_logits():

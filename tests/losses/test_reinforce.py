@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.kernels.logprobs.reference import token_logprobs_reference
 from nemotron_jax.losses import (
     LOSSES,
     get_loss,
-    reduce_loss,
-    reduce_metrics,
+    reduce_batch,
     reinforce,
     reinforce_advantages,
     rloo_baseline,
     sequence_kl,
     token_kl,
-    token_logprobs_reference,
 )
 from tests import tolerances
 
@@ -213,12 +212,12 @@ def test_reinforce_sequence_normalisation_hand_values(impl):
     # NeMo with micro_batch_size 1: the mean over sequences of each sequence's masked mean of
     # -log p * A (the empty sequence is no micro-batch at all).
     nemo = np.mean([-ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
-    _close(reduce_loss(loss, weight), nemo)
-    _close(reduce_loss(loss, weight), sum(want) / 3)
+    means = reduce_batch(loss, weight, metrics)
+    _close(means["loss"], nemo)
+    _close(means["loss"], sum(want) / 3)
     # Metrics: mean logp per response token (token-weighted), advantage per sequence.
     _close(metrics["response_logp"][0], [-math.log(24) / 3, -math.log(6) / 2, -math.log(72) / 4, 0])
     _close(metrics["response_logp"][1], [3, 2, 4, 0])
-    means = reduce_metrics(metrics)
     _close(means["response_logp"], -(math.log(24) + math.log(6) + math.log(72)) / 9)
     _close(means["advantage"], (0.5 - 0.5 + 0.25 + 3.0) / 4)
     assert "kl_abs_k1" not in metrics
@@ -226,14 +225,16 @@ def test_reinforce_sequence_normalisation_hand_values(impl):
 
 @pytest.mark.parametrize("impl", ["chunked", "reference"])
 def test_reinforce_token_normalisation_hand_values(impl):
-    loss, weight, _ = reinforce(_outputs(), _batch(), implementation=impl, normalize="token")
+    out = reinforce(_outputs(), _batch(), implementation=impl, normalize="token")
+    loss, weight, _ = out
     want = [0.5 * math.log(24), -0.5 * math.log(6), 0.25 * math.log(72), 0.0]
     _close(loss, want)
     _close(weight, [3.0, 2.0, 4.0, 0.0])
     # NeMo's masked mean of -log p * A over every response token of one micro-batch.
     cells = [-ADVANTAGE[b] * lp for b in range(4) for lp in TOKEN_LOGP[b]]
-    _close(reduce_loss(loss, weight), np.mean(cells))
-    _close(reduce_loss(loss, weight), sum(want) / 9)
+    objective = reduce_batch(*out)["loss"]
+    _close(objective, np.mean(cells))
+    _close(objective, sum(want) / 9)
 
 
 def test_reinforce_kl_metric_uses_current_logp():
@@ -243,11 +244,12 @@ def test_reinforce_kl_metric_uses_current_logp():
     a3, a2, a4 = LN3 - 1, 1 - LN2, 2 * LN2 - 1
     ref = np.full(TOKENS.shape, -1.0, np.float32)
     ref[:, 0] = 100.0  # unused position
-    _, _, metrics = reinforce(_outputs(), _batch(ref_logprobs=ref))
+    out = reinforce(_outputs(), _batch(ref_logprobs=ref))
+    metrics = out[2]
     _close(metrics["kl_abs_k1"][0], [(a3 + a2 + a4) / 3, (a2 + a3) / 2, (2 * a3 + a4 + a2) / 4, 0])
     _close(metrics["kl_abs_k1"][1], [3, 2, 4, 0])
     # Token counts over the batch: ln3 - 1 four times, 1 - ln2 three times, 2ln2 - 1 twice.
-    _close(reduce_metrics(metrics)["kl_abs_k1"], (4 * a3 + 3 * a2 + 2 * a4) / 9)
+    _close(reduce_batch(*out)["kl_abs_k1"], (4 * a3 + 3 * a2 + 2 * a4) / 9)
 
 
 def _random_problem(seed, b=4, t=9, d=16, v=40):
@@ -281,7 +283,7 @@ def test_reinforce_matches_explicit_logits_reference_values_and_grads(normalize)
     fn = functools.partial(reinforce, normalize=normalize)
 
     def objective(h, w):
-        return reduce_loss(*fn((h, w), batch)[:2])
+        return reduce_batch(*fn((h, w), batch))["loss"]
 
     got = jax.jit(objective)(hidden, head)
     want = _reference_objective(hidden, head, batch, normalize)
@@ -298,7 +300,7 @@ def test_reinforce_advantage_is_a_constant():
     hidden, head, batch = _random_problem(1)
 
     def objective(adv):
-        return reduce_loss(*reinforce((hidden, head), {**batch, "advantage": adv})[:2])
+        return reduce_batch(*reinforce((hidden, head), {**batch, "advantage": adv}))["loss"]
 
     grad = jax.grad(objective)(jnp.asarray(batch["advantage"], jnp.float32))
     assert np.all(np.asarray(grad) == 0.0)
@@ -316,7 +318,7 @@ def test_reinforce_sgd_step_moves_logp_with_the_advantage(sign):
         mask = batch["response_mask"][:, 1:]
         return jnp.sum(logp * mask) / np.sum(mask)
 
-    grad = jax.grad(lambda w: reduce_loss(*reinforce((hidden, w), batch)[:2]))(head)
+    grad = jax.grad(lambda w: reduce_batch(*reinforce((hidden, w), batch))["loss"])(head)
     before, after = mean_logp(head), mean_logp(head - 0.05 * grad)
     # Positive advantage: the sampled response becomes more likely; negative: less likely.
     assert sign * (float(after) - float(before)) > 1e-4
@@ -326,13 +328,13 @@ def test_reinforce_sgd_step_moves_logp_with_the_advantage(sign):
 def test_reinforce_split_invariance(normalize):
     hidden, head, batch = _random_problem(3, b=6)
     fn = functools.partial(reinforce, normalize=normalize)
-    loss, weight, _ = fn((hidden, head), batch)
+    whole = reduce_batch(*fn((hidden, head), batch))["loss"]
     halves = [
         fn((hidden[s], head), {k: np.asarray(v)[s] for k, v in batch.items()})[:2]
         for s in (slice(0, 3), slice(3, 6))
     ]
     split = (halves[0][0].sum() + halves[1][0].sum()) / (halves[0][1].sum() + halves[1][1].sum())
-    _close(split, reduce_loss(loss, weight))
+    _close(split, whole)
 
 
 def test_reinforce_registered_and_validates_options():

@@ -10,12 +10,11 @@ import pytest
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses import (
     LOSSES,
+    batch_sums,
     get_loss,
     margin_bt,
     metric_means,
-    metric_sums,
-    reduce_loss,
-    reduce_metrics,
+    reduce_batch,
     regression,
     regular_bt,
     scaled_bt,
@@ -71,7 +70,7 @@ def test_orientation_follows_the_sign_of_strength():
 
 def test_drop_policy_on_a_batch_with_a_tie():
     outputs, batch = _pair_outputs(), {"strength": STRENGTH}
-    loss, weight, metrics = regular_bt(outputs, batch)
+    loss, weight, _ = regular_bt(outputs, batch)
     _close(loss, [NLL_1, NLL_1, 0.0, NLL_M2])
     _close(weight, [1, 1, 0, 1])
     loss, weight, _ = margin_bt(outputs, batch)
@@ -81,7 +80,7 @@ def test_drop_policy_on_a_batch_with_a_tie():
     _close(loss, [2 * NLL_1, 2 * NLL_1, 0.0, NLL_M2])
     _close(weight, [1, 1, 0, 1])
 
-    means = reduce_metrics(metrics)
+    means = reduce_batch(*regular_bt(outputs, batch))
     _close(means["accuracy"], 2 / 3)
     _close(means["reward_gap"], (1 + 1 - 2) / 3)
     _close(means["reward_chosen"], (1.5 + 1.25 + 0.0) / 3)
@@ -100,21 +99,22 @@ def test_nemo_tie_policy():
     _close(loss, [NLL_M1, NLL_M1, NLL_HALF, NLL_M3])
     _close(weight, [1, 1, 1, 1])
     # Scaled: zero loss but, as in NeMo's mean over micro-batches, it still counts as a pair.
-    loss, weight, _ = scaled_bt(outputs, batch, tie_policy="nemo")
+    loss, weight, metrics = scaled_bt(outputs, batch, tie_policy="nemo")
     _close(loss, [2 * NLL_1, 2 * NLL_1, 0.0, NLL_M2])
     _close(weight, [1, 1, 1, 1])
-    _close(reduce_loss(loss, weight), (4 * NLL_1 + NLL_M2) / 4)
+    means = reduce_batch(loss, weight, metrics)
+    _close(means["loss"], (4 * NLL_1 + NLL_M2) / 4)
     # Metrics still exclude the tie.
-    _close(reduce_metrics(metrics)["accuracy"], 2 / 3)
+    _close(means["accuracy"], 2 / 3)
 
 
 def test_scaled_normalisations():
     outputs, batch = _pair_outputs(), {"strength": STRENGTH}
-    loss, weight, _ = scaled_bt(outputs, batch, normalization="pairs")
-    _close(reduce_loss(loss, weight), (4 * NLL_1 + NLL_M2) / 3)  # not divided by Σm
-    loss, weight, _ = scaled_bt(outputs, batch, normalization="sum_m")
-    _close(weight, [2, 2, 0, 1])
-    _close(reduce_loss(loss, weight), (4 * NLL_1 + NLL_M2) / 5)
+    out = scaled_bt(outputs, batch, normalization="pairs")
+    _close(reduce_batch(*out)["loss"], (4 * NLL_1 + NLL_M2) / 3)  # not divided by Σm
+    out = scaled_bt(outputs, batch, normalization="sum_m")
+    _close(out[1], [2, 2, 0, 1])
+    _close(reduce_batch(*out)["loss"], (4 * NLL_1 + NLL_M2) / 5)
     loss, weight, _ = scaled_bt(outputs, batch, normalization="sum_m", tie_policy="nemo")
     _close(weight, [2, 2, 0, 1])  # a tie has m = 0
 
@@ -127,11 +127,12 @@ def test_global_normalisation_is_independent_of_micro_batching():
         for s in (slice(0, 1), slice(1, 4))
     ]
     total = sum(jnp.sum(h[0]) for h in halves) / sum(jnp.sum(h[1]) for h in halves)
-    _close(total, reduce_loss(loss, weight))
-    sums = [metric_sums(h[2]) for h in halves]
+    whole = reduce_batch(loss, weight, metrics)
+    _close(total, whole["loss"])
+    sums = [batch_sums(*h) for h in halves]
     merged = {k: (sums[0][k][0] + sums[1][k][0], sums[0][k][1] + sums[1][k][1]) for k in sums[0]}
     for name, value in metric_means(merged).items():
-        _close(value, reduce_metrics(metrics)[name])
+        _close(value, whole[name])
 
 
 def test_zero_gap_is_not_correct():
@@ -140,18 +141,17 @@ def test_zero_gap_is_not_correct():
     _close(metrics["accuracy"][0], [0.0, 1.0])
 
 
-def test_example_mask_and_all_dropped_batch():
+def test_padding_rows_and_all_dropped_batch():
     outputs = _pair_outputs()
-    batch = {"strength": STRENGTH, "example_mask": np.array([1, 0, 1, 1])}
-    loss, weight, metrics = regular_bt(outputs, batch)
-    _close(loss, [NLL_1, 0.0, 0.0, NLL_M2])
-    _close(weight, [1, 0, 0, 1])
-    _close(reduce_metrics(metrics)["ties"], 1 / 3)
+    # Row 1 is padding (example_weight 0): only pairs 0 and 3 count; pair 2 is a dropped tie.
+    sums = batch_sums(*regular_bt(outputs, {"strength": STRENGTH}), np.array([1, 0, 1, 1]))
+    _close(sums["loss"], (NLL_1 + NLL_M2, 2))
+    _close(metric_means(sums)["ties"], 1 / 3)
     # Only ties: the objective is 0, not NaN, and so is its gradient.
     ties = {"strength": np.zeros(4, np.int32)}
 
     def objective(o):
-        return reduce_loss(*scaled_bt(o, ties)[:2])
+        return reduce_batch(*scaled_bt(o, ties))["loss"]
 
     value, grad = jax.value_and_grad(objective)(outputs)
     assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
@@ -186,28 +186,26 @@ def test_regression_masks_minus_100_cells():
     loss, weight, metrics = regression(outputs, {"labels": labels})
     _close(loss, [5.0, 1.0])
     _close(weight, [2.0, 1.0])
-    _close(reduce_loss(loss, weight), 6.0 / 3.0)
-    means = reduce_metrics(metrics)
+    means = reduce_batch(loss, weight, metrics)
+    _close(means["loss"], 6.0 / 3.0)
     _close(means["mse"], 2.0)
     _close([means["mae/0"], means["mae/1"], means["mae/2"]], [1.0, 1.0, 2.0])
 
     def objective(o):
-        return reduce_loss(*regression(o, {"labels": labels})[:2])
+        return reduce_batch(*regression(o, {"labels": labels}))["loss"]
 
     grad = np.asarray(jax.grad(objective)(outputs))
     assert grad[0, 0] == 0.0 and grad[1, 1] == 0.0 and grad[1, 2] == 0.0
     _close(grad[0, 2], 2 * (3.0 - 5.0) / 3.0)
 
 
-def test_regression_example_mask_and_shapes():
+def test_regression_padding_row_and_shapes():
+    # Row 1 is padding (example_weight 0) with a NaN output: it must not reach any sum.
     outputs = jnp.asarray([[1.0, 2.0], [np.nan, 0.0]])
     labels = np.array([[0.0, 0.0], [1.0, 1.0]], np.float32)
-    loss, weight, metrics = regression(
-        outputs, {"labels": labels, "example_mask": np.array([True, False])}
-    )
-    _close(loss, [5.0, 0.0])
-    _close(weight, [2.0, 0.0])
-    _close(reduce_metrics(metrics)["mse"], 2.5)
+    sums = batch_sums(*regression(outputs, {"labels": labels}), np.array([1.0, 0.0]))
+    _close(sums["loss"], (5.0, 2.0))
+    _close(metric_means(sums)["mse"], 2.5)
     with pytest.raises(ValueError, match="labels"):
         regression(outputs, {"labels": labels[:, :1]})
 
@@ -233,9 +231,8 @@ def test_jit_with_bound_options():
 
     @jax.jit
     def step(o, b):
-        loss, weight, metrics = scaled_bt(o, b, tie_policy="nemo", normalization="sum_m")
-        return reduce_loss(loss, weight), reduce_metrics(metrics)
+        return reduce_batch(*scaled_bt(o, b, tie_policy="nemo", normalization="sum_m"))
 
-    value, metrics = step(outputs, batch)
-    _close(value, (4 * NLL_1 + NLL_M2) / 5)
+    metrics = step(outputs, batch)
+    _close(metrics["loss"], (4 * NLL_1 + NLL_M2) / 5)
     assert all(v.dtype == jnp.float32 for v in metrics.values())
