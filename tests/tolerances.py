@@ -31,3 +31,10 @@ ATTENTION_GRAD_BF16 = 2e-2
 # get probability exactly 0, so only summation order/length differs. Measured max 1.2e-7 on
 # O(1)-O(10) logits and log-probs.
 KV_CACHE_F32 = 1e-5
+# Parameter change after 20 AdamW steps at lr 1e-6 (tests/train/test_precision.py): float32
+# master weights with bf16 compute against an all-float32 run, same initialisation and batch.
+# bf16 gradients flip the sign of Adam's early, nearly sign-like updates on some small-gradient
+# weights; cosine of the two parameter deltas >= 1 - this, and their norms within this ratio.
+# Measured: cosine 0.9934, norm ratio 0.987.
+MIXED_PRECISION_UPDATE_COSINE = 0.05
+MIXED_PRECISION_UPDATE_NORM = 0.05

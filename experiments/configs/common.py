@@ -50,6 +50,9 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # tiny | llama3.1-8b | llama3.1-70b | llama3.1-405b
     c.model.dtype = "float32"  # compute dtype; matmuls accumulate in float32 regardless
+    # Storage dtype of the parameters, and so of the gradients and Adam moments. float32 is the
+    # master-weight policy; "bfloat16" (pure bf16) is an explicit opt-in, warned about at start,
+    # and the run reports lost_update_fraction (updates rounded away) and warns when it is high.
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots
     c.model.num_attributes = 9  # NeMo's 9-slot head (slot 4 = helpfulness)
@@ -88,7 +91,11 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
 
     c.batch_size = 32  # global, in examples (a pair counts once)
     c.eval_batch_size = 32
-    c.grad_accum = 1
+    # Examples per data-parallel device in one forward/backward (NeMo's micro_batch_size; a
+    # pair counts once). > 0 derives the accumulation: grad_accum = batch_size / (micro_batch_size
+    # x data x fsdp devices); 0 keeps grad_accum as given.
+    c.micro_batch_size = 0
+    c.grad_accum = 1  # micro-batches per step when micro_batch_size is 0
     c.num_steps = 300
     c.log_every = 10
     c.eval_every = 100
@@ -147,13 +154,18 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
 
 
 def real_model(c: ml_collections.ConfigDict, model: str) -> None:
-    """Settings for a real Llama-3.1 size: bf16, remat, the real tokenizer and chat data."""
+    """Settings for a real Llama-3.1 size: float32 master parameters and Adam moments with bf16
+    compute (as NeMo / Megatron train), remat, micro-batches of one example per device, the real
+    tokenizer and chat data."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}; choose from {list(MODELS)}")
     c.model.preset = model
     if model != "tiny":
-        c.model.dtype = c.model.param_dtype = "bfloat16"
+        # bf16 weights would lose most updates at NeMo's rates (1e-6: below 2^-9 of a weight)
+        # and all of the weight decay; the products still run in bf16 (`kernels.dense`).
+        c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
         c.model.remat = "full"
+        c.micro_batch_size = 1
         c.data.tokenizer = "llama3"
         c.data.max_len = 4096  # NeMo's encoder_seq_length
         c.data.source = "dir"

@@ -69,15 +69,35 @@ def make_train_step(
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-        }
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         metrics = {**sums, "grad_norm": (_global_norm(grads), jnp.ones(()))}
+        lost = lost_updates(params, updates, new_params)
+        if lost is not None:
+            metrics["lost_update_fraction"] = lost
         return new_state, metrics
 
     return step
+
+
+def lost_updates(params, updates, new_params):
+    """(updates lost, updates made): the nonzero updates of 16-bit parameters that rounding
+    undid (the weight did not change), as a (sum, weight) metric; None when every parameter is
+    float32 (master weights lose nothing). In bf16, an update below 2^-9 of its weight is lost:
+    at lr 1e-6, most are."""
+    flags = [
+        (u != 0, new == old)
+        for old, u, new in zip(
+            jax.tree.leaves(params), jax.tree.leaves(updates), jax.tree.leaves(new_params),
+            strict=True,
+        )
+        if jnp.dtype(old.dtype).itemsize < 4
+    ]  # fmt: skip
+    if not flags:
+        return None
+    made = sum(jnp.sum(nonzero, dtype=jnp.float32) for nonzero, _ in flags)
+    lost = sum(jnp.sum(nonzero & same, dtype=jnp.float32) for nonzero, same in flags)
+    return lost, made
 
 
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn):

@@ -191,3 +191,20 @@ def test_attribute_weights_merge_slots():
     config.loss.attribute_weights = (1.0, 2.0)
     with pytest.raises(ConfigError, match="attribute_weights has 2 entries"):
         objectives.build(config)
+
+
+def test_micro_batch_size_derives_grad_accum():
+    from nemotron_jax.train.loop import grad_accum
+
+    mesh = sharding.make_mesh((2, 4, 1))  # 8 data-parallel devices
+    config = _smoke(rm_bt, "loss=scaled", batch_size=64, micro_batch_size=2)
+    assert grad_accum(config, mesh) == 4  # 64 / (2 x 8)
+    config.micro_batch_size = 0
+    config.grad_accum = 2
+    assert grad_accum(config, mesh) == 2
+    config.micro_batch_size = 3
+    with pytest.raises(ConfigError, match="set one"):
+        grad_accum(config, mesh)
+    config.grad_accum = 1
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size 3 x data-parallel"):
+        grad_accum(config, mesh)
