@@ -12,15 +12,19 @@ makes one optimizer update per minibatch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -48,12 +52,69 @@ def validate(config, mesh) -> None:
         raise ConfigError(f"num_steps must be positive, got {config.num_steps}")
 
 
-def _abstract_state(objective, tx, rng):
-    def init():
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a run compiles, before any array exists.
+
+    Attributes:
+        tx: the optimizer.
+        init_state: `() -> boxed state`; jit it with `out_shardings=state_sharding`.
+        abstract_state: {"step", "params", "opt_state"} as `jax.ShapeDtypeStruct`s carrying
+            their shardings (what a checkpoint restores into, what a plan lowers with).
+        state_sharding: the same tree of `NamedSharding`s.
+        batch_sharding: every batch leaf split on its leading axis over (data, fsdp).
+        grad_accum: micro-batches per optimizer update.
+        train_step: `(state, batch) -> (state, metrics)`, jitted with in/out shardings and
+            donated state.
+    """
+
+    tx: optax.GradientTransformation
+    init_state: Callable[[], Any]
+    abstract_state: Any
+    state_sharding: Any
+    batch_sharding: NamedSharding
+    grad_accum: int
+    train_step: Any
+
+
+def grad_accum(config, mesh) -> int:
+    """Micro-batches per update: from config.micro_batch_size (examples per device and
+    micro-batch) where a config sets it, else config.grad_accum."""
+    micro = config.get("micro_batch_size", 0)
+    if not micro:
+        return config.grad_accum
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    return max(config.batch_size // (micro * dp), 1)
+
+
+def build_training(config, objective, mesh, rules, total_updates: int) -> Training:
+    """The optimizer, the abstract sharded state and the jitted train step of `objective` on
+    `mesh`; nothing is allocated. `total_updates` sets the learning-rate schedule's length."""
+    tx = make_optimizer(config.optim, total_updates)
+    rng = jax.random.PRNGKey(config.seed)
+
+    def init_state():
         params = objective.init(rng)  # boxed: logical names travel into the optimizer state
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    return jax.eval_shape(init), init
+    abstract_boxed = jax.eval_shape(init_state)
+    state_sharding = sharding.shardings_for(abstract_boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(abstract_boxed),
+        state_sharding,
+    )
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    accum = grad_accum(config, mesh)
+    train_step = jax.jit(
+        make_train_step(objective.apply, objective.loss, tx, accum),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+        donate_argnames=("state",),
+    )
+    return Training(
+        tx, init_state, abstract_state, state_sharding, batch_sharding, accum, train_step
+    )
 
 
 def run(config, workdir: str) -> dict[str, float]:
@@ -70,16 +131,11 @@ def run(config, workdir: str) -> dict[str, float]:
     objective = objectives.build(config)
     data = objective.make_data(mesh, rules)
     # Online objectives make several optimizer updates per step (one per rollout minibatch).
-    tx = make_optimizer(config.optim, config.num_steps * data.train.updates_per_step)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_boxed, init_fn = _abstract_state(objective, tx, rng)
-    state_sharding = sharding.shardings_for(abstract_boxed, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(abstract_boxed),
-        state_sharding,
+    training = build_training(
+        config, objective, mesh, rules, config.num_steps * data.train.updates_per_step
     )
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    abstract_state, state_sharding = training.abstract_state, training.state_sharding
+    batch_sharding, train_step = training.batch_sharding, training.train_step
     replicated = NamedSharding(mesh, P())
 
     manager = ocp.CheckpointManager(
@@ -108,7 +164,8 @@ def run(config, workdir: str) -> dict[str, float]:
             source.set_state(restored.data)
             print(f"resumed from {workdir}/checkpoints step {start}")
         else:
-            state = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=state_sharding)()
+            init_state = training.init_state
+            state = jax.jit(lambda: nn.unbox(init_state()), out_shardings=state_sharding)()
             if config.init_from:
                 state["params"] = objective.load_init(
                     config.init_from,
@@ -119,12 +176,6 @@ def run(config, workdir: str) -> dict[str, float]:
                 print(f"initialised parameters from {config.init_from}")
             start = 0
 
-        train_step = jax.jit(
-            make_train_step(objective.apply, objective.loss, tx, config.grad_accum),
-            in_shardings=(state_sharding, batch_sharding),
-            out_shardings=(state_sharding, replicated),
-            donate_argnames=("state",),
-        )
         eval_step = jax.jit(
             make_eval_step(objective.apply, objective.loss),
             in_shardings=(state_sharding["params"], batch_sharding),

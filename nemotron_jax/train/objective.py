@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from nemotron_jax import artifact
+from nemotron_jax.data.helpsteer2 import NUM_LABEL_SLOTS
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.models.llama import LlamaConfig
 
@@ -44,6 +45,11 @@ class Objective:
         progress_keys: metrics shown on the progress bar.
         make_data: `(mesh, rules) -> DataBundle`; the mesh and rules place frozen models that
             online objectives sample or score with.
+        batch_spec: `(batch_size, seq_len) -> {key: jax.ShapeDtypeStruct}`, the keys, shapes
+            and dtypes of one training batch as the batch source yields it, without reading
+            data (what an ahead-of-time plan lowers the step with).
+        seq_len: T of the training batches: config.data.max_len, or for REINFORCE the prompt
+            plus the new tokens.
         num_attributes: the reward head's slots A; None for a causal LM.
         method: the module method `apply` calls (None: `__call__`).
     """
@@ -54,6 +60,8 @@ class Objective:
     loss_fn: Callable
     progress_keys: tuple[str, ...]
     make_data: Callable[[Any, Any], DataBundle]
+    batch_spec: Callable[[int, int], dict[str, jax.ShapeDtypeStruct]]
+    seq_len: int
     num_attributes: int | None = None
     method: str | None = None
 
@@ -105,6 +113,28 @@ def model_config(config) -> LlamaConfig:
         return LlamaConfig.preset(m.preset, **fields)
     except ConfigError as e:
         raise ConfigError(f"config.model: {e}") from None
+
+
+def supervised_batch_spec(kind: str):
+    """`(batch_size, seq_len) -> {key: ShapeDtypeStruct}` of the dataset batches of `kind`
+    (regression, pairs or sft), as `nemotron_jax.data.formatting` pads each example."""
+
+    def spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        tokens = (batch_size, 2, seq_len) if kind == "pairs" else (batch_size, seq_len)
+        extra = {
+            "regression": {"labels": ((batch_size, NUM_LABEL_SLOTS), np.float32)},
+            "pairs": {"strength": ((batch_size,), np.int32)},
+            "sft": {"loss_mask": (tokens, np.int32)},
+        }[kind]
+        shapes = {
+            "index": ((batch_size,), np.int32),
+            "tokens": (tokens, np.int32),
+            "attention_mask": (tokens, np.int32),
+            **extra,
+        }
+        return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+
+    return spec
 
 
 class DatasetSource:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+import numpy as np
+
 from nemotron_jax import artifact
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses import get_loss
@@ -98,6 +101,19 @@ def _data(config, mcfg, mesh, rules) -> DataBundle:
     return DataBundle(source, [], report, data.tokenizer, evaluate=source.evaluate)
 
 
+def batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One minibatch as `rollouts.RolloutSource.produce` yields it: the sampled sequences
+    (prompt + response, right-padded to T), their advantages and reference log-probs."""
+    rows = jax.ShapeDtypeStruct((batch_size, seq_len), np.int32)
+    return {
+        "tokens": rows,
+        "attention_mask": rows,
+        "response_mask": rows,
+        "advantage": jax.ShapeDtypeStruct((batch_size,), np.float32),
+        "ref_logprobs": jax.ShapeDtypeStruct((batch_size, seq_len), np.float32),
+    }
+
+
 def build(config) -> Objective:
     mcfg = model_config(config)
     loss = functools.partial(
@@ -112,5 +128,7 @@ def build(config) -> Objective:
         loss_fn=loss,
         progress_keys=("reward_mean", "kl", "response_length"),
         make_data=lambda mesh, rules: _data(config, mcfg, mesh, rules),
+        batch_spec=batch_spec,
+        seq_len=config.rl.max_prompt_len + config.rl.max_new_tokens,
         method="hidden_and_head",
     )

@@ -11,7 +11,12 @@ import numpy as np
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses import get_loss
 from nemotron_jax.models.reward import RewardModel
-from nemotron_jax.train.objective import Objective, model_config, supervised_data
+from nemotron_jax.train.objective import (
+    Objective,
+    model_config,
+    supervised_batch_spec,
+    supervised_data,
+)
 
 PAIR_LOSSES = ("regular_bt", "margin_bt", "scaled_bt")
 
@@ -57,5 +62,7 @@ def build(config) -> Objective:
         loss_fn=loss,
         progress_keys=keys,
         make_data=lambda mesh, rules: supervised_data(config, mcfg, kind, drop_ties),
+        batch_spec=supervised_batch_spec(kind),
+        seq_len=config.data.max_len,
         num_attributes=num_attributes,
     )

@@ -7,7 +7,12 @@ import functools
 
 from nemotron_jax.losses import get_loss
 from nemotron_jax.models.llama import Llama
-from nemotron_jax.train.objective import Objective, model_config, supervised_data
+from nemotron_jax.train.objective import (
+    Objective,
+    model_config,
+    supervised_batch_spec,
+    supervised_data,
+)
 
 
 def build(config) -> Objective:
@@ -21,5 +26,7 @@ def build(config) -> Objective:
         loss_fn=loss,
         progress_keys=("loss", "token_nll"),
         make_data=lambda mesh, rules: supervised_data(config, mcfg, "sft"),
+        batch_spec=supervised_batch_spec("sft"),
+        seq_len=config.data.max_len,
         method="hidden_and_head",
     )
