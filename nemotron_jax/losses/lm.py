@@ -25,13 +25,16 @@ def token_logprobs(
 ) -> jax.Array:
     """log p(labels) [B, L] float32 from hidden [B, L, D], lm_head [D, V] and int labels [B, L].
 
-    `nemotron_jax.kernels.token_logprobs` for a batch of sequences: under an active (data, fsdp,
-    tensor) mesh the Pallas kernels run per shard in `shard_map` (GSPMD would replicate them);
-    the pure-JAX implementations are left to GSPMD.
+    `nemotron_jax.kernels.token_logprobs` for a batch of sequences. Under an active (data, fsdp,
+    tensor) mesh every implementation runs per shard in `shard_map`: each device takes its own
+    examples' tokens and its vocabulary shard, so neither the hidden states nor the logits are
+    resharded (GSPMD would replicate a Pallas call, and gathers the chunked path's hidden states
+    to all tokens x D / fsdp). A batch that does not divide the data-parallel devices is left to
+    GSPMD.
     """
     b, length, d = hidden.shape
-    mesh = active_mesh() if implementation.startswith("pallas") else None
-    if mesh is not None:
+    mesh = active_mesh()
+    if mesh is not None and b % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
         # Tokens of one example stay on the example's devices: flatten batch-major.
         flat = logprob_kernels.token_logprobs_sharded(
             hidden.reshape(b * length, d),

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,14 +38,18 @@ from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives
 from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
 
+# Above this fraction of lost (rounded-away) 16-bit parameter updates the run warns, once.
+LOST_UPDATE_WARNING = 0.1
+
 
 def validate(config, mesh) -> None:
     """Fails at start, naming the config key, on settings the run could only fail on later."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % (dp * config.grad_accum):
+    accum = grad_accum(config, mesh)
+    if config.batch_size % (dp * accum):
         raise ConfigError(
             f"batch_size {config.batch_size} is not divisible by data-parallel size {dp} x "
-            f"grad_accum {config.grad_accum} (mesh {dict(mesh.shape)})"
+            f"grad_accum {accum} (mesh {dict(mesh.shape)})"
         )
     if config.eval_batch_size % dp:
         raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {dp}")
@@ -78,13 +83,22 @@ class Training:
 
 
 def grad_accum(config, mesh) -> int:
-    """Micro-batches per update: from config.micro_batch_size (examples per device and
-    micro-batch) where a config sets it, else config.grad_accum."""
-    micro = config.get("micro_batch_size", 0)
-    if not micro:
+    """Micro-batches per update: batch_size / (micro_batch_size x data-parallel devices) when
+    config.micro_batch_size is set, else config.grad_accum."""
+    if config.micro_batch_size <= 0:
         return config.grad_accum
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    return max(config.batch_size // (micro * dp), 1)
+    if config.grad_accum != 1:
+        raise ConfigError(
+            f"config.grad_accum is {config.grad_accum} and config.micro_batch_size is "
+            f"{config.micro_batch_size}: set one (micro_batch_size derives grad_accum)"
+        )
+    if config.batch_size % (config.micro_batch_size * dp):
+        raise ConfigError(
+            f"config.batch_size {config.batch_size} is not a multiple of micro_batch_size "
+            f"{config.micro_batch_size} x data-parallel size {dp} (mesh {dict(mesh.shape)})"
+        )
+    return config.batch_size // (config.micro_batch_size * dp)
 
 
 def build_training(config, objective, mesh, rules, total_updates: int) -> Training:
@@ -129,6 +143,13 @@ def run(config, workdir: str) -> dict[str, float]:
         raise ConfigError(f"config.sharding_rules: {e}") from None
 
     objective = objectives.build(config)
+    if jnp.dtype(objective.model_config.param_dtype).itemsize < 4:
+        print(
+            f"warning: config.model.param_dtype is {config.model.param_dtype}: parameters, "
+            f"gradients and Adam moments in 16 bits (pure bf16); updates below a weight's "
+            f"resolution are lost. float32 master weights: model.param_dtype=float32",
+            file=sys.stderr,
+        )
     data = objective.make_data(mesh, rules)
     # Online objectives make several optimizer updates per step (one per rollout minibatch).
     training = build_training(
@@ -204,6 +225,7 @@ def run(config, workdir: str) -> dict[str, float]:
         # Real tokens of each batch since the last log, summed on the device: no per-step host sync.
         token_counts, t0 = [], time.perf_counter()
         has_eval = bool(data.eval_batches) or data.evaluate is not None
+        warned_lost_updates = False
         for step in range(start, config.num_steps):
             batches, produced = source.produce(state["params"], step)
             t_update = time.perf_counter()
@@ -219,6 +241,15 @@ def run(config, workdir: str) -> dict[str, float]:
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
                 metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
+                lost = metrics.get("lost_update_fraction", 0.0)
+                if lost > LOST_UPDATE_WARNING and not warned_lost_updates:
+                    print(
+                        f"warning: step {done}: {lost:.0%} of the {config.model.param_dtype} "
+                        f"parameter updates were below the parameters' resolution and lost; "
+                        f"model.param_dtype=float32 keeps float32 master weights",
+                        file=sys.stderr,
+                    )
+                    warned_lost_updates = True
                 if not np.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
                 elapsed = time.perf_counter() - t0

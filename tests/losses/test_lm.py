@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from nemotron_jax.losses import reduce_batch, sft
 from tests import tolerances
@@ -82,7 +83,11 @@ def test_sft_fused_equals_sft_on_logits():
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
 
 
-def test_sft_fused_pallas_per_shard_under_mesh():
+@pytest.mark.parametrize("implementation", ["chunked", "pallas_interpret"])
+def test_sft_fused_per_shard_under_mesh(implementation):
+    """Under a (2, 2, 2) mesh every implementation runs per shard (examples over data x fsdp,
+    vocabulary over tensor): values and the hidden / head gradients equal the unsharded
+    reference, and the hidden states are never all-gathered."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -95,9 +100,19 @@ def test_sft_fused_pallas_per_shard_under_mesh():
     hidden = jnp.asarray(rng.normal(size=(4, 9, 16)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)
     batch = {"tokens": rng.integers(0, 64, (4, 9)), "loss_mask": np.ones((4, 9), np.int32)}
-    want = sft_fused((hidden, head), batch, implementation="reference")[0]
+
+    def total(h, w, impl):
+        return jnp.sum(sft_fused((h, w), batch, implementation=impl)[0])
+
+    want, want_grads = jax.value_and_grad(total, argnums=(0, 1))(hidden, head, "reference")
     mesh = sharding.make_mesh((2, 2, 2))
-    fn = jax.jit(lambda h, w: sft_fused((h, w), batch, implementation="pallas_interpret")[0])
+    fn = jax.jit(jax.value_and_grad(total, argnums=(0, 1)), static_argnums=2)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        got = fn(hidden, head)
+        got, got_grads = fn(hidden, head, implementation)
+        hlo = fn.lower(hidden, head, implementation).compile().as_text()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    # GSPMD's chunked path all-gathers the hidden states to all 32 tokens x D = 16: f32[32,16].
+    gathered = [line for line in hlo.splitlines() if "all-gather(" in line and "[32,16]" in line]
+    assert not gathered, gathered
