@@ -232,6 +232,7 @@ def _generate(
         cache,
         layer_params=layers,
         last_only=True,
+        prefill=True,
         method="decode",
     )
     state = _State(

@@ -92,6 +92,36 @@ def test_cached_decoding_matches_full_forward(params):
     assert diff <= tolerances.KV_CACHE_F32, f"cached vs full logits differ by {diff:.3g}"
 
 
+@pytest.mark.parametrize("implementation", ["auto", "xla", "pallas_interpret"])
+def test_prefill_as_self_attention_matches_full_forward(params, implementation):
+    """`decode(..., prefill=True)`: the prompt attends among itself through the self-attention
+    path (flash kernels, block-causal XLA), then single-token steps read the cache it wrote; the
+    real positions' logits equal the full forward's."""
+    config = CONFIG.replace(attention_impl=implementation)
+    model = Llama(config)
+    tokens, mask = _prompts()
+    positions = positions_from_mask(mask)
+    want = np.asarray(
+        Llama(CONFIG).apply({"params": params}, tokens, positions=positions, attention_mask=mask)
+    )
+    decode = jax.jit(
+        lambda p, t, pos, v, c, prefill: model.apply(
+            {"params": p}, t, pos, v, c, prefill=prefill, method="decode"
+        ),
+        static_argnums=5,
+    )
+    cache = init_cache(config, len(LENGTHS), P)
+    got = []
+    for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, P)]:
+        args = (tokens[:, a:b], positions[:, a:b], mask[:, a:b], cache)
+        logits, cache = decode(params, *args, a == 0)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    real = mask.astype(bool)
+    diff = np.abs(got - want)[real].max()
+    assert diff <= tolerances.KV_CACHE_F32, f"prefilled vs full logits differ by {diff:.3g}"
+
+
 # --- 2. greedy parity with transformers ------------------------------------------------------
 
 

@@ -276,8 +276,9 @@ class Attention(nn.Module):
     With `kv_cache` ({"k", "v": this layer's [B, K, S, H] slabs, "index": the first slot to
     write, "mask": [B, T, S] causal by position}) the T new, rotated keys/values are written at
     slot `index` and the queries attend over all S slots; the updated slabs are the second
-    output (None without a cache). The slabs are head-major, the layout the XLA attention reads,
-    so no step copies a transposed cache.
+    output (None without a cache). With a cache and `positions` (a prefill into an empty cache)
+    the queries attend only to the T new tokens, as self-attention. The slabs are head-major,
+    the layout the XLA attention reads, so no step copies a transposed cache.
     """
 
     config: LlamaConfig
@@ -307,6 +308,13 @@ class Attention(nn.Module):
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         index = kv_cache["index"]
+        if positions is not None:
+            # A prefill into an empty cache: the T tokens attend among themselves, as
+            # self-attention, so flash kernels apply and no [T, S] scores over the cache form.
+            out = attention(
+                q, key, value, segment_ids=segment_ids, positions=positions, causal=True,
+                implementation=cfg.attention_impl,
+            )  # fmt: skip
 
         def write(slab, new):  # new [B, T, K, H] into slab [B, K, S, H] at slot `index`
             new = new.transpose(0, 2, 1, 3).astype(dtype)
@@ -315,11 +323,13 @@ class Attention(nn.Module):
             return constrain(slab, ("act_batch", "act_heads", "act_seq", None))
 
         slabs = {"k": write(kv_cache["k"], key), "v": write(kv_cache["v"], value)}
-        # [B, S, K, H] views; XLA folds them into the attention's own head-major transpose.
-        key, value = (slabs[name].transpose(0, 2, 1, 3) for name in ("k", "v"))
-        out = attention(
-            q, key, value, mask=kv_cache["mask"], causal=False, implementation=cfg.attention_impl
-        )
+        if positions is None:
+            # [B, S, K, H] views; XLA folds them into the attention's head-major transpose.
+            key, value = (slabs[name].transpose(0, 2, 1, 3) for name in ("k", "v"))
+            out = attention(
+                q, key, value, mask=kv_cache["mask"], causal=False,
+                implementation=cfg.attention_impl,
+            )  # fmt: skip
         return dense("BTNH,NHD->BTD", out, wo, dtype), slabs
 
 
@@ -453,7 +463,10 @@ class Llama(nn.Module):
         x, _ = self.layers(x, cos, sin, positions, segment_ids, index_causal)
         return self.norm(x)
 
-    def decode(self, tokens, positions, valid, cache, *, layer_params=None, last_only=False):
+    def decode(
+        self, tokens, positions, valid, cache, *, layer_params=None, last_only=False,
+        prefill=False,
+    ):  # fmt: skip
         """A forward over T new tokens that reads and extends a KV cache (`init_cache`).
 
         Serves the prefill (T = prompt length, left-padded) and each decode step (T = 1). The new
@@ -476,6 +489,9 @@ class Llama(nn.Module):
             layer_params: `unstack_layers(params)`; default: sliced from the params here.
             last_only: logits only at the last of the T positions ([B, 1, V]), which is all a
                 left-padded prefill needs.
+            prefill: the cache is empty and `positions` increase along each row's real tokens
+                (`positions_from_mask`): the tokens attend among themselves through the
+                self-attention path (flash kernels; no [T, S] scores over the whole cache).
 
         Returns:
             (logits [B, T, V] or [B, 1, V] in logits_dtype, the updated cache, index + T).
@@ -497,7 +513,8 @@ class Llama(nn.Module):
         new_k, new_v = [], []
         for i, params in enumerate(layer_params):
             slabs = {"k": cache["k"][i], "v": cache["v"][i], "index": index, "mask": mask}
-            x, slabs = layer.apply({"params": params}, x, cos, sin, None, None, kv_cache=slabs)
+            self_attention = (positions, valid.astype(jnp.int32)) if prefill else (None, None)
+            x, slabs = layer.apply({"params": params}, x, cos, sin, *self_attention, kv_cache=slabs)
             new_k.append(slabs["k"])
             new_v.append(slabs["v"])
         if last_only:
