@@ -12,7 +12,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo demo-parity test lint bench-forward clean
+.PHONY: demo demo-parity test lint bench-forward device-check clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: $(STAMP)
 
 bench-forward: $(STAMP)
 	$(PY) benchmarks/forward.py
+
+# On a machine with one GPU, with its preinstalled JAX (not .venv, whose pins are the CPU jax):
+# make device-check [PYTHON=...] [DEVICE_CHECK_ARGS=--no-append]
+device-check:
+	PYTHON=$(PYTHON) bash benchmarks/device_check.sh $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

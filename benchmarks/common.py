@@ -165,6 +165,26 @@ def section_head(title: str, load: str) -> str:
     )
 
 
+def train_flops(
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    intermediate: int,
+    seqs: int,
+    seq_len: int,
+) -> float:
+    """Model FLOPs of one training step of a Llama decoder on `seqs` sequences of `seq_len`
+    tokens: 6 x matmul params (the embedding is a gather; a one-token head is negligible) x
+    tokens, plus attention 3 x 4 T^2 N H per layer and sequence, halved for the causal mask."""
+    d, n, k, h = hidden, heads, kv_heads, head_dim
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * intermediate
+    attention = 3 * 4 * seq_len * seq_len * n * h / 2
+    return layers * seqs * (6 * per_layer * seq_len + attention)
+
+
 def model_fields(a: argparse.Namespace) -> dict:
     """LlamaConfig fields from the `add_model_args` flags."""
     return dict(

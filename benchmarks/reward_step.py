@@ -42,6 +42,7 @@ from common import (  # benchmarks/common.py
     machine,
     section_head,
     timed_alternating,
+    train_flops,
 )
 
 from nemotron_jax.convert import load_hf
@@ -90,13 +91,12 @@ def hf_config(a: argparse.Namespace) -> transformers.LlamaConfig:
 
 
 def model_flops(c: transformers.LlamaConfig, seqs: int, t: int) -> float:
-    """Training FLOPs per step: 6 x matmul params (the embedding is a gather; the one-token head
-    is negligible) x tokens, plus attention 3 x 4 T^2 N H per layer and sequence, halved for the
-    causal mask."""
-    d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * c.intermediate_size
-    attention = 3 * 4 * t * t * n * h / 2
-    return c.num_hidden_layers * seqs * (6 * per_layer * t + attention)
+    """Training FLOPs per step (`common.train_flops`)."""
+    return train_flops(
+        layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+        kv_heads=c.num_key_value_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
+        seqs=seqs, seq_len=t,
+    )  # fmt: skip
 
 
 def torch_step_fn(model, pairs: int, autocast: bool):
