@@ -418,3 +418,47 @@ def test_greedy_on_a_mesh_equals_single_device():
     np.testing.assert_allclose(
         np.asarray(got.logprobs), np.asarray(want.logprobs), atol=tolerances.SHARDED_F32
     )
+
+
+def _all_gathers(hlo: str) -> dict[str, int]:
+    """All-gathers in the compiled HLO: inside a while loop's body computation, and elsewhere."""
+    import re
+
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    counts, computation = {"in_loop": 0, "outside": 0}, None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        if "all-gather(" in line:
+            counts["in_loop" if computation in bodies else "outside"] += 1
+    return counts
+
+
+def test_per_step_weights_gather_inside_the_decode_loop():
+    """weights="per_step" samples the same tokens as "gathered" on a (1, 8, 1) FSDP mesh, and
+    its decode loop gathers the layer weights itself instead of XLA hoisting every gather out
+    of the loop (which keeps the whole gathered policy on every device)."""
+    cfg = CONFIG.replace(num_heads=8, num_kv_heads=4, head_dim=8)
+    params = _sharp_params(cfg, seed=1)
+    tokens, mask = _prompts(lengths=(5, 8, 3, 6, 8, 2, 7, 4), seed=3)
+    mesh = sharding.make_mesh((1, 8, 1))
+    param_sharding = sharding.shardings_for(abstract_params(cfg, boxed=True), mesh)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    results, gathers = {}, {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        args = (
+            jax.device_put(params, param_sharding),
+            jax.device_put(tokens, batch),
+            jax.device_put(mask, batch),
+        )
+        for weights in ("gathered", "per_step"):
+            fn = make_generate_fn(Llama(cfg), SamplingConfig(12, temperature=0.0, weights=weights))
+            gathers[weights] = _all_gathers(fn.lower(*args, None).compile().as_text())
+            results[weights] = fn(*args, None)
+    np.testing.assert_array_equal(
+        np.asarray(results["per_step"].tokens), np.asarray(results["gathered"].tokens)
+    )
+    # Every FSDP-sharded weight is gathered inside the loop with per_step: 7 matrices per layer,
+    # the embedding and the LM head (norm scales are not sharded).
+    assert gathers["per_step"]["in_loop"] >= 7 * cfg.num_layers + 2, gathers
+    assert gathers["gathered"]["in_loop"] < gathers["per_step"]["in_loop"], gathers

@@ -150,6 +150,10 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.rl.top_p = 1.0
     c.rl.eval_prompts = 64  # held-out prompts scored at each evaluation
     c.rl.eval_temperature = 1.0
+    # How the sampler holds a sharded policy (nemotron_jax.sampling.SamplingConfig.weights):
+    # gathered (one all-gathered copy for the rollout; fastest, fits up to ~8B on 80 GB) |
+    # per_step (each decode step gathers each layer as it runs it; 70B on 80 GB)
+    c.rl.sampler_weights = "gathered"
     return c
 
 

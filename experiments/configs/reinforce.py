@@ -63,6 +63,8 @@ def get_config(arg=None):
         c.batch_size = 32
         c.optim.lr = 1e-6
         c.num_steps = 313
+        if a.model != "llama3.1-8b":  # a gathered 70B policy alone is 141 GB of bf16
+            c.rl.sampler_weights = "per_step"
     if a.smoke:
         common.smoke(c)
         c.rl.prompts_per_step = 4

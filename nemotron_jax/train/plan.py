@@ -69,6 +69,20 @@ def shard_bytes(tree: Any) -> int:
     return total
 
 
+def sampler_weight_bytes(layers, model_config: LlamaConfig, mesh, weights: str) -> int:
+    """Per-device bytes of the policy's layer weights as the sampler holds them
+    (`sampling.SamplingConfig.weights`), in the compute dtype the sampler casts them to. XLA
+    all-gathers a layer's weights over data and fsdp before using them, leaving the tensor
+    split: "gathered" keeps every layer gathered for the whole rollout, "per_step" about two
+    (the one running and the next one's gather)."""
+    itemsize = np.dtype(model_config.dtype).itemsize
+    gathered = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(layers)) * itemsize
+    gathered //= mesh.shape["tensor"]
+    if weights == "per_step":
+        return 2 * gathered // model_config.num_layers
+    return gathered
+
+
 # --- the compiled HLO ----------------------------------------------------------------------
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -289,8 +303,9 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
         resident = _reinforce_resident(config, objective, mesh, rules, rm_preset)
         per_device.update(resident)
         frozen = resident["reference"] + resident["reward_model"]
-        # The sampler copies the policy's layer weights once per rollout batch.
-        sampler_weights = shard_bytes(state["params"]["layers"])
+        sampler_weights = sampler_weight_bytes(
+            state["params"]["layers"], objective.model_config, mesh, config.rl.sampler_weights
+        )
         per_device["sampler_weights"] = sampler_weights
         phases = {
             "update": per_device["total"] + frozen,

@@ -190,6 +190,7 @@ class RolloutSource:
             top_p=rl.top_p,
             stop_tokens=generation_stop_ids(tokenizer, rl.template),
             pad_id=tokenizer.pad_id,
+            weights=rl.sampler_weights,
         )
         self.eval_sampling = dataclasses.replace(self.sampling, temperature=rl.eval_temperature)
         self._load_models(policy)

@@ -36,6 +36,7 @@ class ReinforceSettings:
     top_p: float
     eval_prompts: int
     eval_temperature: float
+    sampler_weights: str
     policy_from: str  # config.init_from
     reference_from: str  # "" = the initial policy
     rm_from: str
