@@ -107,15 +107,8 @@ class LlamaConfig:
             raise ConfigError(f"unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}")
         if not isinstance(self.scan_unroll, int) or self.scan_unroll <= 0:
             raise ConfigError(f"scan_unroll must be a positive int, got {self.scan_unroll!r}")
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-        ):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        for field in (*sizes, "num_kv_heads", "head_dim"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be a positive int, got {getattr(self, field)!r}")
         if self.num_heads % self.num_kv_heads:
@@ -125,10 +118,8 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        else:
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
 
     @property
     def group_size(self) -> int:
@@ -231,10 +222,6 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     Equal to `arange(T)` for right padding; needed for left-padded prompts.
     """
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-# Boolean [B, T, S]: query t may attend key s iff s is a real token not after t (by position).
-make_attention_mask = position_mask
 
 
 # --- layers --------------------------------------------------------------------------------
@@ -366,14 +353,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, positions, segment_ids, index_causal=False, kv_cache=None):
         cfg = self.config
+        normed = RMSNorm(cfg, name="input_layernorm")(x)
         attn, kv_cache = Attention(cfg, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x),
-            cos,
-            sin,
-            positions,
-            segment_ids,
-            index_causal,
-            kv_cache,
+            normed, cos, sin, positions, segment_ids, index_causal, kv_cache
         )
         x = x + attn
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))

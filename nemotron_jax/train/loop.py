@@ -42,8 +42,9 @@ from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_
 LOST_UPDATE_WARNING = 0.1
 
 
-def validate(config, mesh) -> None:
-    """Fails at start, naming the config key, on settings the run could only fail on later."""
+def validate(config, mesh) -> sharding.Rules:
+    """Fails at start, naming the config key, on settings the run could only fail on later;
+    returns the validated sharding rules."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = grad_accum(config, mesh)
     if config.batch_size % (dp * accum):
@@ -55,6 +56,12 @@ def validate(config, mesh) -> None:
         raise ConfigError(f"eval_batch_size {config.eval_batch_size} is not divisible by {dp}")
     if config.num_steps <= 0:
         raise ConfigError(f"num_steps must be positive, got {config.num_steps}")
+    rules = tuple(tuple(rule) for rule in config.sharding_rules)
+    try:
+        sharding.validate_rules(rules)
+    except ConfigError as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from None
+    return rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +142,7 @@ def run(config, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     jax.config.update("jax_threefry_partitionable", True)
     mesh = sharding.make_mesh(tuple(config.mesh))
-    validate(config, mesh)
-    rules = tuple(tuple(rule) for rule in config.sharding_rules)
-    try:
-        sharding.validate_rules(rules)
-    except ConfigError as e:
-        raise ConfigError(f"config.sharding_rules: {e}") from None
+    rules = validate(config, mesh)
 
     objective = objectives.build(config)
     if jnp.dtype(objective.model_config.param_dtype).itemsize < 4:

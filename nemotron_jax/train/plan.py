@@ -256,12 +256,7 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
         mesh = sharding.make_mesh(tuple(mesh_shape))
     except ValueError as e:
         raise ConfigError(f"--mesh: {e}") from None
-    validate(config, mesh)
-    rules = tuple(tuple(rule) for rule in config.sharding_rules)
-    try:
-        sharding.validate_rules(rules)
-    except ConfigError as e:
-        raise ConfigError(f"config.sharding_rules: {e}") from None
+    rules = validate(config, mesh)
     objective = objectives.build(config)
     updates_per_step = 1
     if config.objective == "reinforce":
