@@ -38,6 +38,9 @@ BACKBONE_KEYS = ("embed_tokens", "layers", "norm")
 HEAD_KEY = {"causal_lm": "lm_head", "reward_model": "reward_head"}
 # LlamaConfig fields that may differ between a saved model and the one reading it: numerics and
 # implementation choices, none of which changes a parameter.
+# Implementation choices that models saved by earlier versions record and LlamaConfig no longer
+# has (matmul_impl: the removed oneDNN products); like NUMERIC_FIELDS they change no parameter.
+RETIRED_FIELDS = frozenset({"matmul_impl"})
 NUMERIC_FIELDS = frozenset(
     {"dtype", "param_dtype", "logits_dtype", "remat", "scan_unroll", "attention_impl"}
 )
@@ -187,7 +190,9 @@ def load(
             )
     artifact = ModelArtifact(
         path=os.fspath(path),
-        config=LlamaConfig.from_dict(metadata[MODEL_CONFIG]),
+        config=LlamaConfig.from_dict(
+            {k: v for k, v in metadata[MODEL_CONFIG].items() if k not in RETIRED_FIELDS}
+        ),
         kind=saved_kind,
         num_attributes=num_attributes,
         tokenizer_name=metadata.get("tokenizer"),

@@ -253,3 +253,19 @@ def test_interrupted_streaming_save_leaves_no_checkpoint(tmp_path):
     # The same path can then be written normally.
     checkpoint.save_params_streaming(tmp_path / "ckpt", _abstract(params), fill, progress=False)
     _assert_bitwise_equal(checkpoint.restore_params(tmp_path / "ckpt"), params)
+
+
+def test_a_model_saved_with_a_retired_field_still_loads(tmp_path):
+    """Models saved before oneDNN was removed record model_config.matmul_impl; it changes no
+    parameter, so the artifact reads them."""
+    from nemotron_jax import artifact
+    from nemotron_jax.models.llama import LlamaConfig, init_params
+
+    config = LlamaConfig.preset("tiny")
+    saved = {**config.to_dict(), "matmul_impl": "xla"}
+    params = init_params(config, jax.random.PRNGKey(0))
+    checkpoint.save_params(
+        tmp_path / "m", params, metadata={"model_config": saved, "kind": "causal_lm"}
+    )
+    model = artifact.load(tmp_path / "m", restore=False)
+    assert model.config == config and model.kind == "causal_lm"
