@@ -12,8 +12,8 @@ probabilities key by key (flash-attention style): no [T, S] matrix is stored for
 and none is written during it. Backward tasks are (batch row, kv head) pairs, each owning its
 keys' dk and dv.
 
-Single device: the calls have no partitioning rule; under a mesh the model runs them per shard
-with `attention_sharded`.
+Single device: the calls have no partitioning rule; under a mesh the attention API runs them
+per shard (`attention_sharded`).
 """
 
 from __future__ import annotations
