@@ -192,8 +192,7 @@ def main() -> None:
                  ratio)
             )  # fmt: skip
             print(
-                f"{name}: torch {tb * 1e3:.1f} ms, jax/{attention}/{logits_dtype} "
-                f"{jb * 1e3:.1f} ms"
+                f"{name}: torch {tb * 1e3:.1f} ms, jax/{attention}/{logits_dtype} {jb * 1e3:.1f} ms"
             )
 
     torch_process.close()

@@ -339,4 +339,3 @@ def iter_leaf_slices(path, leaf_path: LeafPath | str) -> Iterator[np.ndarray]:
         x = t[index].read().result()
         _malloc_trim()  # return the decode buffers before the caller holds on to `x`
         yield x
-

@@ -453,7 +453,7 @@ def test_validation_errors():
 
 
 def test_auto_resolution_on_the_cpu():
-    """"auto" on the CPU backend: the fused kernel for float32 and bfloat16 on one device, XLA
+    """ "auto" on the CPU backend: the fused kernel for float32 and bfloat16 on one device, XLA
     for float16 (the kernel's dtypes), under a multi-device mesh (where XLA partitions any
     batch) and for a KV cache's explicit mask; an explicit choice is kept."""
     from nemotron_jax.kernels.cpu import attention as cpu_attention
