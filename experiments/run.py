@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from nemotron_jax.errors import NemotronError  # noqa: E402
+from nemotron_jax.errors import NemotronError, Preempted  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:args]", lock_config=True
@@ -45,6 +45,9 @@ def main(argv) -> None:
     except NemotronError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(0)
     print(json.dumps(results, indent=2))
     print_summary(results)
 

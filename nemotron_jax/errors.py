@@ -28,6 +28,11 @@ class DataError(NemotronError, ValueError):
     """A dataset file is missing, malformed or holds a row that breaks its schema."""
 
 
+class Preempted(Exception):
+    """A run stopped on SIGTERM or SIGINT after checkpointing its last step; not an error (exit
+    0). The message says where it stopped and how to resume."""
+
+
 def cli_main(fn: Callable[[], int | None]) -> Callable[[], None]:
     """Wraps a tool's main(): user errors print `error: <message>` and exit with status 2."""
 

@@ -12,11 +12,14 @@ makes one optimizer update per minibatch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from nemotron_jax import artifact, sharding
-from nemotron_jax.errors import ConfigError
+from nemotron_jax.errors import ConfigError, Preempted
 from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives
@@ -138,6 +141,32 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
     )
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """While training: SIGTERM or SIGINT asks the loop to stop after the current step (it then
+    checkpoints that step); a second signal exits at once. Yields a callable returning the
+    name of the signal received, or None. Outside the main thread (where handlers cannot be
+    installed) nothing is caught."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame):
+        if received:  # the second signal: leave now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        received.append(signal.Signals(signum).name)
+        print(f"{received[0]}: stopping after this step (again to exit now)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run(config, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     jax.config.update("jax_threefry_partitionable", True)
@@ -228,53 +257,70 @@ def run(config, workdir: str) -> dict[str, float]:
         token_counts, t0 = [], time.perf_counter()
         has_eval = bool(data.eval_batches) or data.evaluate is not None
         warned_lost_updates = False
-        for step in range(start, config.num_steps):
-            batches, produced = source.produce(state["params"], step)
-            t_update = time.perf_counter()
-            metrics = None
-            for batch in batches:  # one, or a rollout's minibatches
-                batch = jax.device_put(batch, batch_sharding)
-                token_counts.append(jnp.sum(batch["attention_mask"]))
-                state, m = train_step(state, batch)
-                metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
-            if produced:  # an online step: time its updates too
-                jax.block_until_ready(state)
-                produced["time_update"] = time.perf_counter() - t_update
-            done = step + 1
-            if done % config.log_every == 0 or done == config.num_steps:
-                metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
-                lost = metrics.get("lost_update_fraction", 0.0)
-                if lost > LOST_UPDATE_WARNING and not warned_lost_updates:
-                    print(
-                        f"warning: step {done}: {lost:.0%} of the {config.model.param_dtype} "
-                        f"parameter updates were below the parameters' resolution and lost; "
-                        f"model.param_dtype=float32 keeps float32 master weights",
-                        file=sys.stderr,
+
+        def save(done, state):  # the state and the data iterator's position, as one step
+            manager.save(
+                done,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(source.get_state()),
+                ),
+            )
+
+        with stop_requests() as stop_signal:
+            for step in range(start, config.num_steps):
+                batches, produced = source.produce(state["params"], step)
+                t_update = time.perf_counter()
+                metrics = None
+                for batch in batches:  # one, or a rollout's minibatches
+                    batch = jax.device_put(batch, batch_sharding)
+                    token_counts.append(jnp.sum(batch["attention_mask"]))
+                    state, m = train_step(state, batch)
+                    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+                if produced:  # an online step: time its updates too
+                    jax.block_until_ready(state)
+                    produced["time_update"] = time.perf_counter() - t_update
+                done = step + 1
+                if done % config.log_every == 0 or done == config.num_steps:
+                    metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
+                    lost = metrics.get("lost_update_fraction", 0.0)
+                    if lost > LOST_UPDATE_WARNING and not warned_lost_updates:
+                        print(
+                            f"warning: step {done}: {lost:.0%} of the {config.model.param_dtype} "
+                            f"parameter updates were below the parameters' resolution and lost; "
+                            f"model.param_dtype=float32 keeps float32 master weights",
+                            file=sys.stderr,
+                        )
+                        warned_lost_updates = True
+                    if not np.isfinite(metrics["loss"]):
+                        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
+                    elapsed = time.perf_counter() - t0
+                    tokens_seen = sum(int(n) for n in jax.device_get(token_counts))
+                    metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
+                    token_counts, t0 = [], time.perf_counter()
+                    writer.write(done, "train", metrics)
+                    bar.set_postfix(
+                        {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}
+                        | {"tok/s": f"{metrics['tokens_per_s']:.0f}"}
                     )
-                    warned_lost_updates = True
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
-                elapsed = time.perf_counter() - t0
-                tokens_seen = sum(int(n) for n in jax.device_get(token_counts))
-                metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
-                token_counts, t0 = [], time.perf_counter()
-                writer.write(done, "train", metrics)
-                bar.set_postfix(
-                    {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}
-                    | {"tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                )
-            if has_eval and (done % config.eval_every == 0 or done == config.num_steps):
-                last_eval = evaluate(state["params"])
-                writer.write(done, "eval", last_eval)
-            if done % config.checkpoint_every == 0 or done == config.num_steps:
-                manager.save(
-                    done,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave(source.get_state()),
-                    ),
-                )
-            bar.update(1)
+                if has_eval and (done % config.eval_every == 0 or done == config.num_steps):
+                    last_eval = evaluate(state["params"])
+                    writer.write(done, "eval", last_eval)
+                if done % config.checkpoint_every == 0 or done == config.num_steps:
+                    save(done, state)
+                bar.update(1)
+                stopped_by = stop_signal()
+                if stopped_by and done < config.num_steps:
+                    if done % config.checkpoint_every:
+                        save(done, state)
+                    manager.wait_until_finished()
+                    bar.close()
+                    writer.close()
+                    manager.close()
+                    raise Preempted(
+                        f"{stopped_by}: stopped after step {done} of {config.num_steps}; its "
+                        f"checkpoint is in {workdir}/checkpoints: rerun the same command to resume"
+                    )
         bar.close()
         if has_eval and not last_eval:  # resumed a finished run: report it anyway
             last_eval = evaluate(state["params"])
