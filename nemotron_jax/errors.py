@@ -28,6 +28,10 @@ class DataError(NemotronError, ValueError):
     """A dataset file is missing, malformed or holds a row that breaks its schema."""
 
 
+class TrainingDiverged(NemotronError):
+    """The loss or the parameters became non-finite; nothing non-finite was checkpointed."""
+
+
 class Preempted(Exception):
     """A run stopped on SIGTERM or SIGINT after checkpointing its last step; not an error (exit
     0). The message says where it stopped and how to resume."""

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from nemotron_jax import artifact, sharding
-from nemotron_jax.errors import ConfigError, Preempted
+from nemotron_jax.errors import ConfigError, Preempted, TrainingDiverged
 from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives
@@ -139,6 +139,11 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
     return Training(
         tx, init_state, abstract_state, state_sharding, batch_sharding, accum, train_step
     )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 @contextlib.contextmanager
@@ -258,7 +263,19 @@ def run(config, workdir: str) -> dict[str, float]:
         has_eval = bool(data.eval_batches) or data.evaluate is not None
         warned_lost_updates = False
 
+        def diverged(done, what):
+            manager.wait_until_finished()
+            good = manager.latest_step()
+            kept = f"{workdir}/checkpoints step {good}" if good is not None else "none"
+            raise TrainingDiverged(
+                f"step {done}: {what}; stopped, last good checkpoint: {kept} (kept; lower "
+                f"config.optim.lr or check the data)"
+            )
+
         def save(done, state):  # the state and the data iterator's position, as one step
+            # One reduction per save: a non-finite state is never checkpointed.
+            if not jax.device_get(_all_finite(state["params"])):
+                diverged(done, "the parameters are not finite")
             manager.save(
                 done,
                 args=ocp.args.Composite(
@@ -293,7 +310,7 @@ def run(config, workdir: str) -> dict[str, float]:
                         )
                         warned_lost_updates = True
                     if not np.isfinite(metrics["loss"]):
-                        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}")
+                        diverged(done, f"the loss is {metrics['loss']}")
                     elapsed = time.perf_counter() - t0
                     tokens_seen = sum(int(n) for n in jax.device_get(token_counts))
                     metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
