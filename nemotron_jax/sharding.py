@@ -137,6 +137,17 @@ def shardings_for(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES)
     )
 
 
+def sharded_shapes(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """The unboxed tree as `jax.ShapeDtypeStruct`s carrying their `shardings_for` sharding:
+    what a checkpoint restores into and what an ahead-of-time lowering takes."""
+    shardings = shardings_for(boxed_abstract, mesh, rules)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(boxed_abstract),
+        shardings,
+    )
+
+
 def active_mesh():
     """The mesh set by `jax.set_mesh` if it has the (data, fsdp, tensor) axes, else None.
 

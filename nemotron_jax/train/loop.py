@@ -122,12 +122,8 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     abstract_boxed = jax.eval_shape(init_state)
-    state_sharding = sharding.shardings_for(abstract_boxed, mesh, rules)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(abstract_boxed),
-        state_sharding,
-    )
+    abstract_state = sharding.sharded_shapes(abstract_boxed, mesh, rules)
+    state_sharding = jax.tree.map(lambda a: a.sharding, abstract_state)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     accum = grad_accum(config, mesh)
     train_step = jax.jit(

@@ -200,25 +200,7 @@ def _kv_cache_bytes(model_config: LlamaConfig, batch: int, length: int, mesh, ru
         "valid": _boxed_like(cache["valid"], ("act_batch", "act_seq")),
         "index": cache["index"],
     }
-    shardings = sharding.shardings_for(boxed, mesh, rules)
-    return shard_bytes(
-        jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(boxed),
-            shardings,
-        )
-    )
-
-
-def _sharded_params_bytes(boxed, mesh, rules) -> int:
-    shardings = sharding.shardings_for(boxed, mesh, rules)
-    return shard_bytes(
-        jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            nn.unbox(boxed),
-            shardings,
-        )
-    )
+    return shard_bytes(sharding.sharded_shapes(boxed, mesh, rules))
 
 
 def _reinforce_resident(config, objective, mesh, rules, rm_preset: str | None):
@@ -231,9 +213,15 @@ def _reinforce_resident(config, objective, mesh, rules, rm_preset: str | None):
             rm_preset, dtype=policy.dtype, param_dtype=policy.param_dtype, remat=policy.remat
         )
     )
-    reference = _sharded_params_bytes(abstract_params(policy, boxed=True), mesh, rules)
-    reward_model = _sharded_params_bytes(
-        abstract_reward_params(rm_config, config.model.num_attributes, boxed=True), mesh, rules
+    reference = shard_bytes(
+        sharding.sharded_shapes(abstract_params(policy, boxed=True), mesh, rules)
+    )
+    reward_model = shard_bytes(
+        sharding.sharded_shapes(
+            abstract_reward_params(rm_config, config.model.num_attributes, boxed=True),
+            mesh,
+            rules,
+        )
     )
     rl = config.rl
     rows = rl.prompts_per_step * rl.num_rollouts_per_prompt
