@@ -42,6 +42,7 @@ from nemotron_jax import sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.models.llama import LlamaConfig, abstract_params, init_cache
 from nemotron_jax.models.reward import abstract_reward_params
+from nemotron_jax.sampling import SAMPLER_WEIGHTS
 from nemotron_jax.train import objectives
 from nemotron_jax.train.loop import build_training, validate
 
@@ -75,6 +76,8 @@ def sampler_weight_bytes(layers, model_config: LlamaConfig, mesh, weights: str) 
     all-gathers a layer's weights over data and fsdp before using them, leaving the tensor
     split: "gathered" keeps every layer gathered for the whole rollout, "per_step" about two
     (the one running and the next one's gather)."""
+    if weights not in SAMPLER_WEIGHTS:
+        raise ConfigError(f"config.rl.sampler_weights {weights!r}; choose from {SAMPLER_WEIGHTS}")
     itemsize = np.dtype(model_config.dtype).itemsize
     gathered = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(layers)) * itemsize
     gathered //= mesh.shape["tensor"]

@@ -44,7 +44,12 @@ from nemotron_jax.losses.reinforce import (
 )
 from nemotron_jax.models.llama import Llama, LlamaConfig, abstract_params
 from nemotron_jax.models.reward import RewardModel, scalar_reward
-from nemotron_jax.sampling import SamplingConfig, make_generate_fn, response_sequences
+from nemotron_jax.sampling import (
+    SAMPLER_WEIGHTS,
+    SamplingConfig,
+    make_generate_fn,
+    response_sequences,
+)
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -52,6 +57,10 @@ RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
     """Fails at start, naming the config key, on REINFORCE settings (`ReinforceSettings`) that
     cannot work."""
+    if rl.sampler_weights not in SAMPLER_WEIGHTS:
+        raise ConfigError(
+            f"config.rl.sampler_weights {rl.sampler_weights!r}; choose from {SAMPLER_WEIGHTS}"
+        )
     k, p = rl.num_rollouts_per_prompt, rl.prompts_per_step
     if k < 1 or p < 1:
         raise ConfigError(
