@@ -101,6 +101,13 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.eval_every = 100
     c.checkpoint_every = 100
     c.max_to_keep = 2
+    # False: no validation pass (an empty validation split is then allowed; else an error).
+    c.validation = True
+    # A step whose loss or gradient norm is not finite (checked on the device every step):
+    # stop (the run ends naming the last good checkpoint, which is kept) | skip (the update is
+    # not applied and is counted as skipped_steps; more than nan_max_skips skips stop the run).
+    c.nan_policy = "stop"
+    c.nan_max_skips = 10
 
     # NeMo-Aligner RM defaults, except the learning rate, which suits a tiny model from scratch.
     c.optim = ml_collections.ConfigDict()
@@ -141,8 +148,13 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.rl.normalize = "sequence"  # sequence: each response weighs 1 (NeMo) | token
     # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
     # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
-    # program). They agree to about 1e-7 in float32.
-    c.rl.policy_logprobs = "sampler"
+    # program). They agree to about 1e-7 in float32 but differ by ~5e-4 per token in bf16
+    # (the sampler's KV cache rounds), enough for the |k1| KL to start above 0. auto: sampler in
+    # float32 compute, recompute in 16-bit compute (so the KL starts at 0, as in NeMo).
+    c.rl.policy_logprobs = "auto"
+    # Responses that hit max_new_tokens without EOS: zero_loss (NeMo: loss 0, still counted in
+    # the mean, as its micro-batch of one with no ended response gets) | keep (full gradient).
+    c.rl.truncated = "zero_loss"
     c.rl.max_prompt_len = 96  # longer prompts are cut as data.truncation says
     c.rl.max_new_tokens = 32
     c.rl.temperature = 1.0

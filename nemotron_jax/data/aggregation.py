@@ -5,10 +5,13 @@ Both datasets keep the annotators who agree most, then round their mean:
 - **Ratings** (`disagreements` → `train`/`validation`): each attribute's label is the mean of the
   3 annotators who agree most, rounded (dataset card, verified on its example row).
 - **Preferences** (`all_preferences_unprocessed` → `preference_strength`): the 3-subset of raw
-  strengths with the smallest range, `round(mean)`. When two 3-subsets share the smallest
-  range, sort ascending and take the *last* minimal window: it is the only simple rule found that
-  reproduces every released row checked (31 rows; one of them, [1, 2, 1, -1, 2] → 2, is a tie).
-  The rule is reconstructed from released rows, not read in the paper.
+  strengths with the smallest range, `round(mean)`. When several 3-subsets share the smallest
+  range, the one with the larger |mean| wins (the stronger preference). The rule depends only on
+  the values, not on the annotators' order, and mirrors: negating every strength negates the
+  label ([1, 2, 1, -1, 2] → 2 and [-1, -2, -1, 1, -2] → -2). It reproduces every released row
+  checked (31 rows; one of them, [1, 2, 1, -1, 2], is a tie). Only windows with exactly opposite
+  means, as in [-1, -1, 0, 1, 1], are left to a convention: the positive one. The rule is
+  reconstructed from released rows, not read in the paper.
 - **Spread filter** (unverified): a pair whose best 3-subset still has range > `max_spread`
   (default 2) is dropped. No source states it; it is consistent with every released row having
   a best range ≤ 2 and with 1,556 HelpSteer2 pairs being absent from the release. Pass
@@ -33,14 +36,20 @@ def closest_indices(values: Sequence[int], k: int = 3) -> tuple[int, ...]:
     """Indices of the `k` values with the smallest range, in ascending order of value.
 
     The smallest-range k-subset is always a window of the ascending sort; among equal ranges the
-    last window wins. With `len(values) <= k`, all indices are returned.
+    window with the larger |sum| wins, then the positive one (see the module docstring). With
+    `len(values) <= k`, all indices are returned.
     """
     order = sorted(range(len(values)), key=lambda i: values[i])  # stable: ties keep input order
     if len(order) <= k:
         return tuple(order)
-    ranges = [values[order[i + k - 1]] - values[order[i]] for i in range(len(order) - k + 1)]
-    best = max(i for i, r in enumerate(ranges) if r == min(ranges))
-    return tuple(order[best : best + k])
+    windows = [order[i : i + k] for i in range(len(order) - k + 1)]
+    ranges = [values[w[-1]] - values[w[0]] for w in windows]
+    sums = [sum(values[j] for j in w) for w in windows]
+    best = min(
+        (i for i, r in enumerate(ranges) if r == min(ranges)),
+        key=lambda i: (-abs(sums[i]), -sums[i]),
+    )
+    return tuple(windows[best])
 
 
 def closest_subset(values: Sequence[int], k: int = 3) -> tuple[int, ...]:

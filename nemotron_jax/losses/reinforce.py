@@ -34,6 +34,8 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 KL_ESTIMATORS = ("abs_k1", "k1", "k3")
 KL_REDUCTIONS = ("mean", "sum")
 REINFORCE_NORMALIZATIONS = ("sequence", "token")
+# What a response without EOS (cut at max_new_tokens) contributes to the loss.
+TRUNCATED_POLICIES = ("zero_loss", "keep")
 
 
 def _check_option(kind: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -196,6 +198,7 @@ def reinforce(
     *,
     implementation: str = "chunked",
     normalize: str = "sequence",
+    truncated: str = "zero_loss",
 ) -> tuple[jax.Array, jax.Array, Metrics]:
     """REINFORCE policy-gradient loss -A * log pi(y) (NeMo `megatron_gpt_reinforce_actor`).
 
@@ -211,6 +214,7 @@ def reinforce(
               a constant (stop_gradient).
             - "ref_logprobs" float [B, T], optional: log pi_ref(tokens[t]) at t (aligned with
               tokens, so [:, 0] is unused); only for the `kl_abs_k1` metric.
+            - "is_end" bool [B], optional: the response ended with EOS (all True if absent).
         implementation: `nemotron_jax.kernels.token_logprobs` implementation ("chunked" on CPU,
             "pallas" on GPUs).
         normalize:
@@ -220,6 +224,11 @@ def reinforce(
             - "token" (one masked mean over every response token of the global batch, i.e.
               NeMo's masked mean over a whole micro-batch): loss_b = -A_b * sum_t log pi(y_t),
               weight_b = the number of b's response tokens.
+        truncated: what a response with `is_end` False contributes:
+            - "zero_loss" (NeMo): loss 0, weight unchanged, so it still counts in the mean.
+              NeMo's actor zeroes the loss of a micro-batch with no ended response; with its
+              default micro_batch_size of 1 that is exactly each truncated response.
+            - "keep": the full -A * log pi gradient, like an ended response.
 
     Returns:
         loss [B], weight [B] (objective `sum(loss) / sum(weight)`), and metrics, each
@@ -230,10 +239,9 @@ def reinforce(
             - "kl_abs_k1" (only with "ref_logprobs"): mean |log pi - log pi_ref| per response
               token with the CURRENT policy's log-probs (weighted by token count).
 
-    Not copied from NeMo: zeroing a micro-batch with no EOS-terminated response. Truncated
-    responses keep their gradient here, as in NeMo with micro_batch_size 1 otherwise.
     """
     _check_option("REINFORCE normalization", normalize, REINFORCE_NORMALIZATIONS)
+    _check_option("truncated-response policy", truncated, TRUNCATED_POLICIES)
     hidden, lm_head = outputs
     tokens = jnp.asarray(batch["tokens"])
     response_mask = jnp.asarray(batch["response_mask"])
@@ -257,6 +265,11 @@ def reinforce(
     else:
         loss = -advantage * logp_sum
         weight = n_tokens
+    if truncated == "zero_loss" and batch.get("is_end") is not None:
+        is_end = jnp.asarray(batch["is_end"]).astype(bool)
+        if is_end.shape != (b,):
+            raise ValueError(f"is_end must be [B] = [{b}], got {is_end.shape}")
+        loss = jnp.where(is_end, loss, 0.0)
     metrics: Metrics = {
         "response_logp": (jax.lax.stop_gradient(mean_logp), n_tokens),
         "advantage": (advantage, jnp.ones((b,), jnp.float32)),
@@ -274,6 +287,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "KL_REDUCTIONS",
     "REINFORCE_NORMALIZATIONS",
+    "TRUNCATED_POLICIES",
     "reinforce",
     "reinforce_advantages",
     "rloo_baseline",

@@ -351,6 +351,7 @@ class RolloutSource:
             "attention_mask": seqs["attention_mask"],
             "response_mask": seqs["response_mask"],
             "advantage": adv["advantage"],
+            "is_end": rollout.is_end,
             "ref_logprobs": ref_logp,
         }
         host = jax.device_get(

@@ -6,8 +6,8 @@ Loss functions follow one contract (`nemotron_jax.losses`):
 
 and the objective of a batch is `sum(loss) / sum(weight)` over the whole global batch, reduced
 by `losses.batch_sums` (which also drops padding rows, `example_weight` 0). Summing before
-dividing makes every normalisation exact however the batch is split into micro-batches or
-devices (NeMo's mean over valid attribute cells, mean over pairs, or over sum of m).
+dividing makes the objective independent of how the batch is split into micro-batches or
+devices; how that compares with NeMo's per-micro-batch means is in `nemotron_jax/losses`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Aggregation against every released test vector (helpsteer2_spec.md §1.1, §1.2)."""
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -41,11 +42,18 @@ def test_card_preference_row_agrees_with_file(shared_data):
     assert (report.compared, report.disagree_with_file) == (1, 0)
 
 
-def test_tie_break_takes_the_last_sorted_window():
+def test_tie_break_takes_the_larger_absolute_mean():
     # {1,1,2} and {1,2,2} both have range 1; the release says 2 (spec §1.2, local row 4).
     assert ag.closest_subset([1, 2, 1, -1, 2]) == (1, 2, 2)
     assert ag.aggregate_preference([1, 2, 1, -1, 2]) == 2
     assert ag.closest_indices([1, 2, 1, -1, 2]) == (2, 1, 4)
+    # The mirror image gets the mirrored label, whatever the annotators' order.
+    assert ag.aggregate_preference([-1, -2, -1, 1, -2]) == -2
+    for perm in itertools.permutations([1, 2, 1, -1, 2]):
+        assert ag.aggregate_preference(list(perm)) == 2
+        assert ag.aggregate_preference([-v for v in perm]) == -2
+    # Exactly opposite windows: the documented convention, the positive one.
+    assert ag.closest_subset([-1, -1, 0, 1, 1]) == (0, 1, 1)
 
 
 def test_round_mean():

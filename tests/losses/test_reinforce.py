@@ -209,8 +209,9 @@ def test_reinforce_sequence_normalisation_hand_values(impl):
     want = [0.5 * math.log(24) / 3, -0.5 * math.log(6) / 2, 0.25 * math.log(72) / 4, 0.0]
     _close(loss, want)
     _close(weight, [1.0, 1.0, 1.0, 0.0])
-    # NeMo with micro_batch_size 1: the mean over sequences of each sequence's masked mean of
-    # -log p * A (the empty sequence is no micro-batch at all).
+    # No is_end given, so every response counts as ended. NeMo with micro_batch_size 1: the mean
+    # over sequences of each sequence's masked mean of -log p * A (the empty sequence is no
+    # micro-batch at all).
     nemo = np.mean([-ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
     means = reduce_batch(loss, weight, metrics)
     _close(means["loss"], nemo)
@@ -235,6 +236,26 @@ def test_reinforce_token_normalisation_hand_values(impl):
     objective = reduce_batch(*out)["loss"]
     _close(objective, np.mean(cells))
     _close(objective, sum(want) / 9)
+
+
+@pytest.mark.parametrize("truncated", ["zero_loss", "keep"])
+def test_reinforce_truncated_responses(truncated):
+    # Seq 2 did not end. NeMo (micro_batch_size 1): its micro-batch has no ended response, so
+    # its loss is 0, and the step's loss is still the mean over all three micro-batches.
+    is_end = np.array([True, True, False, True])
+    out = reinforce(_outputs(), _batch(is_end=is_end), truncated=truncated)
+    loss, weight, _ = out
+    seq2 = 0.25 * math.log(72) / 4
+    want = [0.5 * math.log(24) / 3, -0.5 * math.log(6) / 2, seq2, 0.0]
+    if truncated == "zero_loss":
+        want[2] = 0.0
+    _close(loss, want)
+    _close(weight, [1.0, 1.0, 1.0, 0.0])
+    nemo = np.mean([0.0 if not is_end[b] else -ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
+    keep = np.mean([-ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
+    _close(reduce_batch(*out)["loss"], nemo if truncated == "zero_loss" else keep)
+    with pytest.raises(ConfigError, match="truncated"):
+        reinforce(_outputs(), _batch(is_end=is_end), truncated="drop")
 
 
 def test_reinforce_kl_metric_uses_current_logp():

@@ -51,8 +51,12 @@ class ReinforceSettings:
     @classmethod
     def from_config(cls, config) -> ReinforceSettings:
         rl = config.rl
+        fields = {f.name: rl[f.name] for f in dataclasses.fields(cls) if f.name in rl}
+        if fields["policy_logprobs"] == "auto":  # 16-bit sampler log-probs would bias the KL
+            wide = np.dtype(jax.numpy.dtype(config.model.dtype)).itemsize >= 4
+            fields["policy_logprobs"] = "sampler" if wide else "recompute"
         return cls(
-            **{f.name: rl[f.name] for f in dataclasses.fields(cls) if f.name in rl},
+            **fields,
             policy_from=config.init_from,
             reference_from=config.reference_from or config.init_from,
             rm_from=config.rm_from,
@@ -111,6 +115,7 @@ def batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]
         "attention_mask": rows,
         "response_mask": rows,
         "advantage": jax.ShapeDtypeStruct((batch_size,), np.float32),
+        "is_end": jax.ShapeDtypeStruct((batch_size,), np.bool_),
         "ref_logprobs": jax.ShapeDtypeStruct((batch_size, seq_len), np.float32),
     }
 
@@ -121,6 +126,7 @@ def build(config) -> Objective:
         get_loss("reinforce"),
         implementation=config.loss.logprobs_impl,
         normalize=config.rl.normalize,
+        truncated=config.rl.truncated,
     )
     return Objective(
         name="reinforce",

@@ -1,0 +1,160 @@
+"""Start-of-run checks of a training config: every enumerated field against its choices, every
+numeric field against its range, every path against the disk.
+
+    check(config)       # raises ConfigError naming the key, before any array exists
+
+A multi-stage experiment checks every stage before the first one trains, so that a typo in
+stage 2 does not cost stage 1's hours. Settings that depend on the mesh or the model (batch
+divisibility, context length) are checked where those exist (`loop.validate`,
+`rollouts.check_settings`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from nemotron_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+NAN_POLICIES = ("stop", "skip")
+
+
+def _choices() -> dict[str, tuple]:
+    # Imported here: each list lives beside the code that acts on it.
+    from nemotron_jax.data.splits import SOURCES
+    from nemotron_jax.losses.reinforce import (
+        KL_ESTIMATORS,
+        REINFORCE_NORMALIZATIONS,
+        TRUNCATED_POLICIES,
+    )
+    from nemotron_jax.losses.reward import NORMALIZATIONS, TIE_POLICIES
+    from nemotron_jax.models.llama import ATTENTION_IMPLS, PRESETS, REMAT_POLICIES
+    from nemotron_jax.optim import SCHEDULES
+    from nemotron_jax.sampling import SAMPLER_WEIGHTS
+    from nemotron_jax.train.objectives import OBJECTIVES
+
+    return {
+        "objective": tuple(OBJECTIVES),
+        "model.preset": tuple(sorted(PRESETS)),
+        "model.dtype": DTYPES,
+        "model.param_dtype": DTYPES,
+        "model.remat": tuple(REMAT_POLICIES),
+        "model.attention_impl": tuple(ATTENTION_IMPLS),
+        "loss.tie_policy": TIE_POLICIES,
+        "loss.normalization": NORMALIZATIONS,
+        "loss.logprobs_impl": ("chunked", "pallas", "pallas_interpret", "reference"),
+        "data.source": SOURCES,
+        "data.template": ("nemo", "llama3"),
+        "data.truncation": ("truncate", "skip"),
+        "data.attributes": ("helpfulness", "all"),
+        "data.on_bad_row": ("raise", "skip"),
+        "optim.schedule": SCHEDULES,
+        "nan_policy": NAN_POLICIES,
+        "rl.kl_estimator": KL_ESTIMATORS,
+        "rl.kl_reduce": ("mean", "sum"),
+        "rl.baseline": ("rloo_eos", "rloo_all"),
+        "rl.normalize": REINFORCE_NORMALIZATIONS,
+        "rl.policy_logprobs": ("auto", "sampler", "recompute"),
+        "rl.sampler_weights": SAMPLER_WEIGHTS,
+        "rl.truncated": TRUNCATED_POLICIES,
+    }
+
+
+# key -> (lowest allowed, whether the lowest is allowed); None = no bound below.
+_RANGES = {
+    "seed": (0, True),
+    "batch_size": (1, True),
+    "eval_batch_size": (1, True),
+    "micro_batch_size": (0, True),
+    "grad_accum": (1, True),
+    "num_steps": (1, True),
+    "log_every": (1, True),
+    "eval_every": (1, True),
+    "checkpoint_every": (1, True),
+    "max_to_keep": (1, True),
+    "nan_max_skips": (0, True),
+    "model.num_attributes": (1, True),
+    "loss.slot": (0, True),
+    "data.max_len": (2, True),
+    "data.synthetic_prompts": (10, True),
+    "data.synthetic_seed": (0, True),
+    "data.sft_min_helpfulness": (0, True),
+    "optim.lr": (0, False),
+    "optim.eps": (0, False),
+    "optim.b1": (0, True),
+    "optim.b2": (0, True),
+    "optim.weight_decay": (0, True),
+    "optim.clip_norm": (0, True),
+    "optim.warmup_steps": (0, True),
+    "optim.min_lr": (0, True),
+    "rm_slot": (0, True),
+    "rl.num_rollouts_per_prompt": (2, True),
+    "rl.prompts_per_step": (1, True),
+    "rl.beta": (0, True),
+    "rl.max_prompt_len": (1, True),
+    "rl.max_new_tokens": (1, True),
+    "rl.temperature": (0, True),
+    "rl.top_k": (0, True),
+    "rl.top_p": (0, False),
+    "rl.eval_prompts": (1, True),
+    "rl.eval_temperature": (0, True),
+}
+# Upper bounds, inclusive unless noted.
+_BELOW = {"optim.b1": (1, False), "optim.b2": (1, False), "rl.top_p": (1, True)}
+# Checkpoints read at start; "" means none, "@stage" an earlier stage's params (experiment.py).
+PATH_KEYS = ("init_from", "reference_from", "rm_from")
+
+
+def get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check(config) -> None:
+    """Raises `ConfigError` on the first field outside its choices or range, or a path that
+    does not exist, naming the key, its value and what is valid."""
+    for key, valid in _choices().items():
+        value = get(config, key)
+        if value is not None and value not in valid:
+            raise ConfigError(f"config.{key} is {value!r}; choose from {list(valid)}")
+    for key, (low, inclusive) in _RANGES.items():
+        value = get(config, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config.{key} is {value!r}; expected a number")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"config.{key} is {value!r}; it must be {bound}")
+        high = _BELOW.get(key)
+        if high and (value > high[0] or (value == high[0] and not high[1])):
+            bound = f"<= {high[0]}" if high[1] else f"< {high[0]}"
+            raise ConfigError(f"config.{key} is {value!r}; it must be {bound}")
+    mesh = get(config, "mesh")
+    if mesh is not None:
+        shape = tuple(mesh)
+        if len(shape) != 3 or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
+            raise ConfigError(
+                f"config.mesh is {shape}; expected (data, fsdp, tensor), positive ints, at most "
+                f"one -1 (the remaining devices)"
+            )
+    for key in PATH_KEYS:
+        path = get(config, key)
+        if path and not path.startswith("@") and not os.path.exists(path):
+            raise ConfigError(f"config.{key} {path}: no such checkpoint directory")
+    data = config.data
+    if data.source in ("dir", "tfds"):
+        if not data.dir:
+            raise ConfigError(f"config.data.source is {data.source!r} but config.data.dir is empty")
+        if not os.path.isdir(data.dir):
+            raise ConfigError(f"config.data.dir {data.dir}: no such directory")
+    if data.tokenizer not in ("", "llama3") and not os.path.isfile(data.tokenizer):
+        raise ConfigError(
+            f"config.data.tokenizer {data.tokenizer}: no such SentencePiece model file "
+            f"('' = the data's own, 'llama3' = Meta's)"
+        )
