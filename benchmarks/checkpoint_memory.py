@@ -11,7 +11,6 @@ A benchmark, not a test: the exit code is 0 unless a read-back slice differs fro
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 
 from nemotron_jax import checkpoint
+from nemotron_jax.errors import ArgumentParser, cli_main
 
 MIB = 2**20
 
@@ -38,7 +38,7 @@ def _reset_peak() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--mlp", type=int, default=8192)
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

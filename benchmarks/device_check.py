@@ -51,6 +51,7 @@ import numpy as np
 from common import DOC, append_section, machine, train_flops  # benchmarks/common.py
 from kernels_attention import bench_shape  # benchmarks/kernels_attention.py
 
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.kernels import token_logprobs
 from nemotron_jax.losses import scaled_bt
 from nemotron_jax.models.llama import Llama, LlamaConfig, init_params
@@ -130,7 +131,7 @@ SMOKE = Sizes(
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend")
     p.add_argument("--repeats", "-N", type=int, default=5, help="timed runs per case")
     p.add_argument("--skip-tests", action="store_true", help="leave out the pytest part")
@@ -585,4 +586,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)()

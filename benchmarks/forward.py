@@ -43,11 +43,12 @@ from common import (  # benchmarks/common.py
 )
 
 from nemotron_jax.convert import load_hf
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.models import Llama
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", "-B", type=int, default=8)
     p.add_argument("--seq", "-T", type=int, default=128)
     p.add_argument("--hidden", type=int, default=256, help="a multiple of 32 (head_dim 32)")
@@ -235,4 +236,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

@@ -43,6 +43,7 @@ from common import (  # benchmarks/common.py
 )
 
 from nemotron_jax.convert.hf_llama import save_hf
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.models.llama import Llama, LlamaConfig, init_params
 from nemotron_jax.sampling import SamplingConfig, make_generate_fn
 
@@ -50,7 +51,7 @@ TARGET = 3.0  # ours / transformers, decode-only tokens/s
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--configs",
         default="custom,tiny",
@@ -222,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

@@ -19,7 +19,6 @@ section (machine, versions, table) is appended to docs/benchmarks.md unless `--n
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import time
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from common import append_section, machine  # benchmarks/common.py
 
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.kernels import token_logprobs
 from nemotron_jax.kernels.logprobs import chunked
 
@@ -62,7 +62,7 @@ def _measure(fn, args, repeats: int, timed: bool) -> tuple[float, float | None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 8192], help="token counts")
     ap.add_argument("--d", type=int, nargs="+", default=[256, 1024], help="hidden sizes")
     ap.add_argument("--v", type=int, default=128_256, help="vocabulary size")
@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

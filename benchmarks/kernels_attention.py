@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from common import append_section, machine  # benchmarks/common.py
 
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.kernels.attention import attention
 
 DEFAULT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -32,7 +33,7 @@ DEFAULT_SHAPES = "2x128x8x2x64,1x256x8x2x64,1x512x8x8x64"
 
 
 def parse_args() -> argparse.Namespace:
-    out = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    out = ArgumentParser(description=__doc__.split("\n")[0])
     out.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of BxTxNxKxH")
     out.add_argument("--implementations", default="xla,pallas_interpret")
     out.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -120,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nemotron_jax.errors import ArgumentParser, cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -56,7 +58,7 @@ PHASES = (
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (P)")
     p.add_argument("--k", type=int, default=4, help="samples per prompt (K)")
     p.add_argument("--minibatch", type=int, default=16, help="sequences per update")
@@ -153,4 +155,4 @@ sequences per step; median of {len(rows)} steps after the first.
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

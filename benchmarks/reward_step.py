@@ -46,6 +46,7 @@ from common import (  # benchmarks/common.py
 )
 
 from nemotron_jax.convert import load_hf
+from nemotron_jax.errors import ArgumentParser, cli_main
 from nemotron_jax.losses.reward import scaled_bt
 from nemotron_jax.models.reward import HELPFULNESS_SLOT, RewardModel, reward_params_from_backbone
 from nemotron_jax.optim import make_optimizer
@@ -57,7 +58,7 @@ OPTIM = dict(lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", "-B", type=int, default=4, help="pairs per batch (2B sequences)")
     p.add_argument("--seq", "-T", type=int, default=256)
     add_model_args(p)
@@ -274,4 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()

@@ -7,6 +7,7 @@ naming the file, field or key at fault. Command-line tools catch it and print on
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -37,6 +38,18 @@ class Preempted(Exception):
     0). The message says where it stopped and how to resume."""
 
 
+# What bad input raises: each prints as one `error:` line with exit status 2. Anything else is a
+# bug and keeps its traceback (exit status 1).
+USER_ERRORS = (NemotronError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def report_user_error(e: BaseException) -> int:
+    """Prints `error: <message>` (the first line of it) on stderr; returns exit status 2."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def cli_main(fn: Callable[[], int | None]) -> Callable[[], None]:
     """Wraps a tool's main(): user errors print `error: <message>` and exit with status 2."""
 
@@ -44,9 +57,17 @@ def cli_main(fn: Callable[[], int | None]) -> Callable[[], None]:
     def wrapper() -> None:
         try:
             code = fn()
-        except (NemotronError, FileNotFoundError, NotADirectoryError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except USER_ERRORS as e:
+            sys.exit(report_user_error(e))
         sys.exit(code or 0)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bad arguments reported as one `error:` line (exit status 2), like every
+    other user error, instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (--help for usage)", file=sys.stderr)
+        sys.exit(2)

@@ -30,10 +30,24 @@ EXPO_STAGE = "3_expo"
 def run_experiment(config, workdir: str) -> dict[str, Any]:
     """Runs a config (see the module docstring). Returns the final validation metrics, per stage
     when there are stages, then ExPO's best alpha and each evaluated stage's Overall score."""
+    from nemotron_jax.train import settings
     from nemotron_jax.train.loop import run
+    from nemotron_jax.train.workdir import record_config
 
     if "stages" not in config:
-        return run(config, workdir)
+        return run(_resolve_random_models(config, workdir), workdir)
+    os.makedirs(workdir, exist_ok=True)
+    started = os.path.exists(os.path.join(workdir, "config.json"))
+    record_config(workdir, config, 0 if started else None)
+    for name in sorted(config.stages.keys()):  # every stage before the first one trains
+        try:
+            settings.check(config.stages[name])
+        except ConfigError as e:
+            message = str(e)
+            where = f"config.stages.{name}."
+            raise ConfigError(
+                message.replace("config.", where, 1) if "config." in message else f"{where} {e}"
+            ) from None
     results = {}
     for name in sorted(config.stages.keys()):
         stage = config.stages[name]
@@ -56,6 +70,30 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
         evaluation = run_evaluation(config, workdir)
         results["evaluation"] = {stage: headline(r["report"]) for stage, r in evaluation.items()}
     return results
+
+
+def _resolve_random_models(config, workdir: str):
+    """`init_from=random` / `rm_from=random` (REINFORCE smoke runs with no trained models): a
+    copy of the config naming random tiny models written under <workdir>/random_models."""
+    from nemotron_jax.train.objectives import reinforce
+
+    keys = [k for k in ("init_from", "rm_from") if config.get(k) == reinforce.RANDOM]
+    if not keys:
+        return config
+    paths = reinforce.write_random_models(config, os.path.join(workdir, "random_models"))
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key, path in paths.items():
+            config[key] = path
+    print(
+        "no trained models given: "
+        + ", ".join(
+            f"{k}={reinforce.RANDOM} is a random {config.model.preset} model in {p}"
+            for k, p in paths.items()
+        )
+        + " (a smoke run checks the machinery, not the result)"
+    )
+    return config
 
 
 def _validation_pairs(stage_config) -> list:

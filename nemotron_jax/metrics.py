@@ -11,9 +11,16 @@ from typing import Any
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    """Appends records to `workdir/metrics.jsonl`. A run resumed at `resume_step` first drops
+    the records of later steps (logged after that checkpoint, and about to be logged again), so
+    the file holds each step once."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            _truncate_after(path, resume_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -35,6 +42,24 @@ class MetricWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keeps the records of steps <= `step` (and any line that does not parse, verbatim)."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:

@@ -86,17 +86,20 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None =
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != 3:
-        raise ValueError(f"mesh shape needs 3 entries (data, fsdp, tensor), got {shape}")
+        raise ConfigError(f"config.mesh: shape needs 3 entries (data, fsdp, tensor), got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
+            raise ConfigError(
+                f"config.mesh: {len(devices)} devices do not divide into mesh {shape}"
+            )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(
-            f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}"
+        raise ConfigError(
+            f"config.mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)} "
+            f"({devices[0].platform}); -1 on one axis takes the devices there are"
         )
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

@@ -16,7 +16,6 @@ in total (an 8B model needs about 64 GB of host memory).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nemotron_jax.errors import cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, cli_main  # noqa: E402
 
 DEFAULT_ATOL = 1e-4
 
@@ -71,7 +70,7 @@ def compare_logits(hf_dir, lengths=(24, 17, 5)) -> tuple[float, float, float]:
 
 @cli_main
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
     parser.add_argument(
         "--atol",

@@ -20,18 +20,17 @@ reward row in head slot 4, the other slots zero, a zero bias.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nemotron_jax.errors import cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 @cli_main
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="HF model directory (safetensors)")
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
     parser.add_argument(

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from nemotron_jax.errors import ConfigError, cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, ConfigError, cli_main  # noqa: E402
 
 
 def _weights(text: str) -> list[float]:
@@ -40,7 +40,7 @@ def _weights(text: str) -> list[float]:
 def main() -> int:
     from nemotron_jax.convert.hf_llama import DEFAULT_SHARD_BYTES, KINDS, REWARD_KINDS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="params checkpoint directory")
     parser.add_argument("--out", required=True, help="HF directory to create")
     parser.add_argument("--kind", default="causal_lm", choices=sorted(KINDS))

@@ -10,7 +10,6 @@ difference (float32; the tolerance is 1e-4) -> `load_hf` back, checked bit for b
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,12 +21,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from check_logits_vs_hf import DEFAULT_ATOL, compare_logits  # noqa: E402
 
-from nemotron_jax.errors import cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 @cli_main
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="working directory for the export")
     args = parser.parse_args()
 

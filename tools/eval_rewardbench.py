@@ -14,7 +14,6 @@ RewardBench's are reported under "other".
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nemotron_jax import runtime  # noqa: E402
-from nemotron_jax.errors import ConfigError, cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, ConfigError, cli_main  # noqa: E402
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -38,7 +37,7 @@ def _weights(text: str | None) -> list[float] | None:
 @cli_main
 def main() -> int:
     runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="reward-model params checkpoint (a run's <workdir>/params)")
     parser.add_argument("--data", help="RewardBench-format .jsonl/.jsonl.gz/.parquet")
     parser.add_argument("--scores", help="per-row scores .jsonl: aggregate only (no model)")

@@ -14,7 +14,6 @@ which the validation split's non-tie pairs are used), prints the table and write
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nemotron_jax import runtime  # noqa: E402
-from nemotron_jax.errors import ConfigError, cli_main  # noqa: E402
+from nemotron_jax.errors import ArgumentParser, ConfigError, cli_main  # noqa: E402
 
 
 def _alphas(text: str) -> list[float]:
@@ -59,7 +58,7 @@ def _val_rows(args):
 @cli_main
 def main() -> int:
     runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="params checkpoint extrapolated away from")
     parser.add_argument("--tuned", required=True, help="params checkpoint trained from --base")
     parser.add_argument("--out", required=True, help="checkpoint directory to create")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from nemotron_jax import sharding
@@ -20,16 +22,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key, _, raw = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ConfigError(f"unknown config arg {key!r}; valid: {sorted(defaults)}")
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config arg {key!r}{hint}; valid: {sorted(defaults)}")
         default = defaults[key]
-        if isinstance(default, bool):
-            value = raw.lower() in ("", "1", "true", "yes") if raw else True
-        elif isinstance(default, int):
-            value = int(raw)
-        elif isinstance(default, float):
-            value = float(raw)
-        else:
-            value = raw
+        try:
+            if isinstance(default, bool):
+                value = raw.lower() in ("", "1", "true", "yes") if raw else True
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            kind = type(default).__name__
+            raise ConfigError(f"config arg {key}={raw!r} is not {kind}") from None
         values[key] = value
     return ml_collections.ConfigDict(values)
 
@@ -80,11 +88,14 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.data.dir = ""  # the downloaded HelpSteer2 files when source is dir or tfds
     c.data.tfds_dir = ""  # default: <data.dir>/tfds
     c.data.template = "nemo"  # nemo (<extra_id_*>, as NeMo trained) | llama3 (chat template)
-    c.data.tokenizer = ""  # "" = the synthetic data's SentencePiece model | "llama3"
+    # "" = the data's own tokenizer.model (the synthetic set has one) | "llama3" | "synthetic"
+    # (the synthetic set's SentencePiece model, for the tiny model on real text) | a .model path
+    c.data.tokenizer = ""
     c.data.max_len = 128
     c.data.truncation = "truncate"  # truncate (prompt from the left, response whole) | skip
     c.data.attributes = "helpfulness"  # regression targets: helpfulness | all
-    c.data.on_bad_row = "raise"  # raise | skip (skipped rows are counted in data_report.json)
+    c.data.on_bad_row = "raise"  # raise | skip (skipped rows are counted, on the console too)
+    c.data.max_rows = 0  # > 0: only the first N rows of each split, in file order (smoke)
     c.data.synthetic_prompts = 1500  # size of the generated set (source synthetic)
     c.data.synthetic_seed = 0
     c.data.sft_min_helpfulness = 3  # sft: train on responses rated at least this helpful (0-4)
@@ -189,13 +200,19 @@ def real_model(c: ml_collections.ConfigDict, model: str) -> None:
 
 
 def smoke(c: ml_collections.ConfigDict) -> None:
-    """Shrinks any config to seconds on a laptop CPU: tiny model, small synthetic data."""
+    """Shrinks any config to seconds on a laptop CPU: the tiny model on a small slice of the
+    same data (never other data): 200 generated prompts for the synthetic set, else the first
+    200 rows of each split of data.dir, read with the synthetic set's small vocabulary. With no
+    data.dir (a real model's config given no data=), the synthetic set."""
     c.model.preset = "tiny"
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = "none"
-    c.data.source = "synthetic"
-    c.data.tokenizer = ""
-    c.data.synthetic_prompts = 200
+    if c.data.source == "synthetic" or not c.data.dir:
+        c.data.source, c.data.tokenizer = "synthetic", ""
+        c.data.synthetic_prompts = 200
+    else:
+        c.data.tokenizer = "synthetic"
+        c.data.max_rows = 200
     c.data.max_len = 64
     c.batch_size = c.eval_batch_size = 8
     c.num_steps = 6

@@ -9,7 +9,8 @@ Args:
     rm=PARAMS       a reward-model params checkpoint (any reward-training run, or one converted
                     from HF); or reward_fn=module:function for a rule-based reward
     model=tiny|llama3.1-8b|llama3.1-70b|..., data=DIR (prompts of HelpSteer2-Preference),
-    beta=0.01, kl=abs_k1|k1|k3, kl_reduce=mean|sum, k=4 (samples per prompt), smoke.
+    beta=0.01, kl=abs_k1|k1|k3, kl_reduce=mean|sum, k=4 (samples per prompt), smoke (with no
+    policy and rm given, random tiny ones, said so at start: it checks the machinery only).
 
 Defaults follow NeMo-Aligner's REINFORCE (beta 0.01, |k1| KL averaged over response tokens,
 K = 4, baseline over EOS-terminated siblings, several minibatch updates per rollout batch,
@@ -74,4 +75,8 @@ def get_config(arg=None):
         c.batch_size = c.eval_batch_size = 8
         c.num_steps = 4
         c.log_every = c.eval_every = c.checkpoint_every = 2
+        if not a.policy:  # a random tiny policy (and reward model), written at start
+            c.init_from = "random"
+            if not (a.rm or a.reward_fn):
+                c.rm_from = "random"
     return c

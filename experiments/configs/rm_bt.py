@@ -11,6 +11,7 @@ Ties (strength 0) are dropped (config.loss.tie_policy=nemo keeps NeMo's treatmen
 """
 
 from experiments.configs import common
+from nemotron_jax.errors import ConfigError
 
 LOSSES = {"regular": "regular_bt", "margin": "margin_bt", "scaled": "scaled_bt"}
 
@@ -18,7 +19,7 @@ LOSSES = {"regular": "regular_bt", "margin": "margin_bt", "scaled": "scaled_bt"}
 def get_config(arg=None):
     a = common.parse_arg(arg, loss="scaled", init_from="", model="tiny", data="", smoke=False)
     if a.loss not in LOSSES:
-        raise ValueError(f"loss={a.loss!r}: choose from {sorted(LOSSES)}")
+        raise ConfigError(f"config arg loss={a.loss!r}; choose from {sorted(LOSSES)}")
     c = common.base_config(f"rm_{a.loss}_bt", LOSSES[a.loss])
     common.real_model(c, a.model)
     if a.model != "tiny":  # NeMo's stage-2 recipe: 105 steps of 64 pairs at 1e-6

@@ -39,6 +39,12 @@ class Splits:
     report: dict[str, Any]
 
 
+class _Data(dict):
+    """A dict read like a ConfigDict (`data.source`)."""
+
+    __getattr__ = dict.__getitem__
+
+
 def data_dir(data) -> Path:
     """The directory of HelpSteer2 files that `data` (an experiment's `config.data`) names; the
     synthetic set is generated there on first use."""
@@ -74,6 +80,9 @@ def configured_tokenizer(data, root: Path | None = None):
 
     if data.tokenizer == "llama3":
         return Llama3Tokenizer()
+    if data.tokenizer == "synthetic":  # a tiny model on real text (smoke runs)
+        synthetic = dict(data.items(), source="synthetic")
+        return SentencePieceTokenizer.load(data_dir(_Data(synthetic)) / "tokenizer.model")
     if data.tokenizer:
         return SentencePieceTokenizer.load(data.tokenizer)
     root = data_dir(data) if root is None else root
@@ -147,6 +156,10 @@ def load(
     tokenizer = configured_tokenizer(data, root) if tokenizer is None else tokenizer
     train, validation, read_report = _read(data, root, SOURCE_OF_KIND[kind])
     report: dict[str, Any] = {"data_dir": str(root), "read": read_report}
+    if data.get("max_rows", 0) > 0:  # the first rows of each split, in file order (smoke)
+        report["max_rows"] = data.max_rows
+        report["rows_before_max_rows"] = {"train": len(train), "validation": len(validation)}
+        train, validation = train[: data.max_rows], validation[: data.max_rows]
     if kind == "sft":
         keep = data.sft_min_helpfulness
         train, validation = (

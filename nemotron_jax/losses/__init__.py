@@ -14,11 +14,12 @@ One reduction serves training, evaluation and tests: `batch_sums` turns a batch'
 micro-batches and devices; `metric_means` divides once, at the end (0 where the count is 0).
 Because the normalisation happens once, after summing over the *global* batch, the objective
 is the same however examples are split into micro-batches or devices. What that matches in NeMo:
-its mean over pairs (BT losses) exactly, since every pair weighs one in each micro-batch; its
-mean over valid attribute cells (regression) and over tokens only when its global batch is one
+its mean over pairs (BT losses), since its micro-batches hold equal numbers of pairs; its mean
+over valid attribute cells (regression) and over tokens only when its global batch is one
 micro-batch: NeMo averages per-micro-batch means, which weighs a cell of a sparse micro-batch
-more. The scaled-BT `sum_m` normalisation is this project's option; NeMo has none. Padding is the reduction's business, not a loss's: `batch["example_weight"]` [B] (0 for
-a padding row) scales every example's terms there.
+more. The scaled-BT `sum_m` normalisation is this project's option; NeMo has none. Padding is
+the reduction's business, not a loss's: `batch["example_weight"]` [B] (0 for a padding row)
+scales every example's terms there.
 
 Losses: `regression`, `regular_bt`, `margin_bt`, `scaled_bt` (NeMo-Aligner's names; see
 `losses/reward.py`) and `sft` (`losses/lm.py`).

@@ -35,11 +35,12 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from nemotron_jax import artifact, sharding
-from nemotron_jax.errors import ConfigError, Preempted, TrainingDiverged
+from nemotron_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
-from nemotron_jax.train import objectives
+from nemotron_jax.train import objectives, settings
 from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
+from nemotron_jax.train.workdir import record_config
 
 # Above this fraction of lost (rounded-away) 16-bit parameter updates the run warns, once.
 LOST_UPDATE_WARNING = 0.1
@@ -168,7 +169,43 @@ def stop_requests():
             signal.signal(s, h)
 
 
+def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
+    """(step, restored) of the newest checkpoint that restores. Newer ones that are
+    incomplete, unreadable or empty (a crash mid-write, a full disk, a truncated copy) are each
+    reported in one line and moved aside into `<checkpoints>.corrupt/`, never deleted.
+
+    Raises:
+        CheckpointError: no step restores; nothing is moved, the directory is named.
+    """
+    directory = os.fspath(manager.directory)
+    failures = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means try the next
+            lines = str(e).strip().splitlines()
+            failures.append((step, f"{type(e).__name__}: {lines[0][:200] if lines else ''}"))
+            continue
+        for bad, reason in failures:
+            aside = os.path.join(directory + ".corrupt", f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.replace(os.path.join(directory, str(bad)), aside)
+            print(
+                f"warning: checkpoint step {bad} in {directory} is unreadable ({reason}); "
+                f"moved to {aside}; resuming from step {step}",
+                file=sys.stderr,
+            )
+        if failures:
+            manager.reload()
+        return step, restored
+    listed = "; ".join(f"step {s}: {r}" for s, r in failures)
+    raise CheckpointError(
+        f"{directory}: no checkpoint restores ({listed}); move the directory aside to start over"
+    )
+
+
 def run(config, workdir: str) -> dict[str, float]:
+    settings.check(config)
     os.makedirs(workdir, exist_ok=True)
     jax.config.update("jax_threefry_partitionable", True)
     mesh = sharding.make_mesh(tuple(config.mesh))
@@ -200,15 +237,17 @@ def run(config, workdir: str) -> dict[str, float]:
     source = data.train
 
     # Where the state comes from, first match wins:
-    #   1. the workdir's latest checkpoint: exact resume (state and data-iterator position);
+    #   1. the workdir's newest intact checkpoint: exact resume (state and data-iterator
+    #      position), if the config still describes the same run (`workdir.record_config`);
     #   2. config.init_from: parameters only (an HF-converted backbone or an earlier model);
     #   3. from scratch.
     start = manager.latest_step()
+    record_config(workdir, config, start)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if start is not None:
-            restored = manager.restore(
-                start,
-                args=ocp.args.Composite(
+            start, restored = restore_intact(
+                manager,
+                ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore(),
                 ),
@@ -244,7 +283,7 @@ def run(config, workdir: str) -> dict[str, float]:
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
             return finish_metrics(jax.device_get(total)) if total is not None else {}
 
-        writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+        writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=start)
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
             json.dump(data.report, f, indent=2)
         bar = tqdm(
@@ -268,8 +307,34 @@ def run(config, workdir: str) -> dict[str, float]:
                 f"config.optim.lr or check the data)"
             )
 
+        # Non-finite steps (their updates were not applied), counted on the device and read
+        # with the metrics and before each save: no host sync per step.
+        nonfinite = {"count": jnp.zeros((), jnp.int32), "first": jnp.full((), -1, jnp.int32)}
+
+        def note_nonfinite(step_metrics, done):
+            flag = step_metrics.pop("nonfinite")[0] > 0
+            first = nonfinite["first"]
+            nonfinite["first"] = jnp.where((first < 0) & flag, done, first)
+            nonfinite["count"] = nonfinite["count"] + flag.astype(jnp.int32)
+
+        def check_nonfinite(done) -> int:
+            """Stops the run as config.nan_policy says; returns the steps skipped so far."""
+            count, first = (
+                int(x) for x in jax.device_get((nonfinite["count"], nonfinite["first"]))
+            )
+            if count and config.nan_policy == "stop":
+                diverged(first, "the loss or the gradient norm is not finite (update not applied)")
+            if count > config.nan_max_skips:
+                diverged(
+                    first,
+                    f"{count} steps since it had a non-finite loss or gradient norm, more than "
+                    f"config.nan_max_skips={config.nan_max_skips}",
+                )
+            return count
+
         def save(done, state):  # the state and the data iterator's position, as one step
             # One reduction per save: a non-finite state is never checkpointed.
+            check_nonfinite(done)
             if not jax.device_get(_all_finite(state["params"])):
                 diverged(done, "the parameters are not finite")
             manager.save(
@@ -289,13 +354,17 @@ def run(config, workdir: str) -> dict[str, float]:
                     batch = jax.device_put(batch, batch_sharding)
                     token_counts.append(jnp.sum(batch["attention_mask"]))
                     state, m = train_step(state, batch)
+                    note_nonfinite(m, step + 1)
                     metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
                 if produced:  # an online step: time its updates too
                     jax.block_until_ready(state)
                     produced["time_update"] = time.perf_counter() - t_update
                 done = step + 1
                 if done % config.log_every == 0 or done == config.num_steps:
+                    skipped = check_nonfinite(done)
                     metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
+                    if config.nan_policy == "skip":
+                        metrics["skipped_steps"] = skipped
                     lost = metrics.get("lost_update_fraction", 0.0)
                     if lost > LOST_UPDATE_WARNING and not warned_lost_updates:
                         print(
@@ -305,7 +374,7 @@ def run(config, workdir: str) -> dict[str, float]:
                             file=sys.stderr,
                         )
                         warned_lost_updates = True
-                    if not np.isfinite(metrics["loss"]):
+                    if not np.isfinite(metrics["loss"]) and config.nan_policy == "stop":
                         diverged(done, f"the loss is {metrics['loss']}")
                     elapsed = time.perf_counter() - t0
                     tokens_seen = sum(int(n) for n in jax.device_get(token_counts))

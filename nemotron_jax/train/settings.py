@@ -80,6 +80,7 @@ _RANGES = {
     "data.synthetic_prompts": (10, True),
     "data.synthetic_seed": (0, True),
     "data.sft_min_helpfulness": (0, True),
+    "data.max_rows": (0, True),
     "optim.lr": (0, False),
     "optim.eps": (0, False),
     "optim.b1": (0, True),
@@ -102,7 +103,8 @@ _RANGES = {
 }
 # Upper bounds, inclusive unless noted.
 _BELOW = {"optim.b1": (1, False), "optim.b2": (1, False), "rl.top_p": (1, True)}
-# Checkpoints read at start; "" means none, "@stage" an earlier stage's params (experiment.py).
+# Checkpoints read at start; "" means none, "@stage" an earlier stage's params, "random" a random
+# model written at start (init_from and rm_from of REINFORCE smoke runs; experiment.py).
 PATH_KEYS = ("init_from", "reference_from", "rm_from")
 
 
@@ -145,7 +147,7 @@ def check(config) -> None:
             )
     for key in PATH_KEYS:
         path = get(config, key)
-        if path and not path.startswith("@") and not os.path.exists(path):
+        if path and path != "random" and not path.startswith("@") and not os.path.exists(path):
             raise ConfigError(f"config.{key} {path}: no such checkpoint directory")
     data = config.data
     if data.source in ("dir", "tfds"):
@@ -153,7 +155,7 @@ def check(config) -> None:
             raise ConfigError(f"config.data.source is {data.source!r} but config.data.dir is empty")
         if not os.path.isdir(data.dir):
             raise ConfigError(f"config.data.dir {data.dir}: no such directory")
-    if data.tokenizer not in ("", "llama3") and not os.path.isfile(data.tokenizer):
+    if data.tokenizer not in ("", "llama3", "synthetic") and not os.path.isfile(data.tokenizer):
         raise ConfigError(
             f"config.data.tokenizer {data.tokenizer}: no such SentencePiece model file "
             f"('' = the data's own, 'llama3' = Meta's)"

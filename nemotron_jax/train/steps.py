@@ -48,7 +48,8 @@ def make_train_step(
     apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
 ):
     """`step(state, batch) -> (state, metrics)` with state {"step", "params", "opt_state"} and
-    metrics {name: (sum, weight)} (see `finish_metrics`)."""
+    metrics {name: (sum, weight)} (see `finish_metrics`); metrics["nonfinite"] is 1 when the
+    loss or the gradient norm was not finite, and the update was then not applied."""
     grad_fn = jax.value_and_grad(lambda p, b: _sums(apply_fn, loss_fn, p, b), has_aux=True)
 
     def step(state, batch):
@@ -70,8 +71,22 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-        metrics = {**sums, "grad_norm": (_global_norm(grads), jnp.ones(()))}
+        grad_norm = _global_norm(grads)
+        # A non-finite loss or gradient norm applies no update, so the state stays finite;
+        # the loop reads the flag with the metrics and stops or counts the skip
+        # (config.nan_policy). One select per leaf, fused with the update.
+        finite = jnp.isfinite(sums["loss"][0]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = {
+            "step": state["step"] + 1,
+            "params": jax.tree.map(keep, new_params, params),
+            "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+        }
+        metrics = {
+            **sums,
+            "grad_norm": (grad_norm, jnp.ones(())),
+            "nonfinite": (1.0 - finite.astype(jnp.float32), jnp.ones(())),
+        }
         lost = lost_updates(params, updates, new_params)
         if lost is not None:
             metrics["lost_update_fraction"] = lost

@@ -251,7 +251,9 @@ def test_reinforce_truncated_responses(truncated):
         want[2] = 0.0
     _close(loss, want)
     _close(weight, [1.0, 1.0, 1.0, 0.0])
-    nemo = np.mean([0.0 if not is_end[b] else -ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
+    nemo = np.mean(
+        [0.0 if not is_end[b] else -ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)]
+    )
     keep = np.mean([-ADVANTAGE[b] * np.mean(TOKEN_LOGP[b]) for b in range(3)])
     _close(reduce_batch(*out)["loss"], nemo if truncated == "zero_loss" else keep)
     with pytest.raises(ConfigError, match="truncated"):

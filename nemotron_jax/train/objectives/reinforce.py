@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -68,6 +69,50 @@ class ReinforceSettings:
             template=config.data.template,
             logprobs_impl=config.loss.logprobs_impl,
         )
+
+
+# config.init_from / config.rm_from value (smoke runs): a random model of config.model's
+# architecture, written into the workdir at start (`write_random_models`).
+RANDOM = "random"
+
+
+def write_random_models(config, out_dir) -> dict[str, str]:
+    """A random policy and reward model of config.model's architecture, with the configured
+    data's tokenizer, as params checkpoints under `out_dir` (kept when already there): what
+    `init_from=random` and `rm_from=random` resolve to. Returns {config key: path}."""
+    from pathlib import Path
+
+    from nemotron_jax.data.splits import configured_tokenizer
+    from nemotron_jax.models.reward import RewardModel
+
+    mcfg = model_config(config)
+    tokenizer = configured_tokenizer(config.data)
+    tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    paths = {}
+    for key, kind in (("init_from", "causal_lm"), ("rm_from", "reward_model")):
+        if config[key] != RANDOM:
+            continue
+        path = Path(out_dir) / ("policy" if kind == "causal_lm" else "reward_model")
+        if not path.exists():
+            heads = config.model.num_attributes
+            module = Llama(mcfg) if kind == "causal_lm" else RewardModel(mcfg, heads)
+            rng = jax.random.PRNGKey(config.seed + (kind == "reward_model"))
+            params = jax.jit(lambda rng, m=module: m.init(rng, tokens, attention_mask=tokens + 1))(
+                rng
+            )
+            artifact.save(
+                path,
+                nn.unbox(params["params"]),
+                config=mcfg,
+                kind=kind,
+                num_attributes=heads if kind == "reward_model" else None,
+                tokenizer=tokenizer,
+                template=config.data.template,
+                max_len=config.data.max_len,
+                extra={"objective": f"random ({key}={RANDOM})"},
+            )
+        paths[key] = str(path)
+    return paths
 
 
 def _policy(config):
