@@ -57,6 +57,11 @@ def main() -> int:
         help="the chat template the model was trained with, recorded in the metadata "
         "(Llama-3.1-Instruct and Nemotron-Reward-HF: llama3)",
     )
+    parser.add_argument(
+        "--allow-unused",
+        action="store_true",
+        help="convert even when the HF files hold tensors no parameter reads (they are left out)",
+    )
     args = parser.parse_args()
 
     from nemotron_jax import artifact
@@ -69,7 +74,12 @@ def main() -> int:
     from nemotron_jax.models.reward import HELPFULNESS_SLOT
 
     overrides = {"param_dtype": args.dtype, "dtype": args.dtype} if args.dtype else {}
-    config, ckpt = open_hf(args.hf_dir, as_reward_model=args.as_reward_model, **overrides)
+    config, ckpt = open_hf(
+        args.hf_dir,
+        as_reward_model=args.as_reward_model,
+        allow_unused=args.allow_unused,
+        **overrides,
+    )
     kind = ckpt.kind
     print(
         f"{args.hf_dir}: {config.num_layers} layers, hidden {config.hidden_size}, "

@@ -21,6 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import numpy as np  # noqa: E402
+
 from nemotron_jax import runtime  # noqa: E402
 from nemotron_jax.errors import ArgumentParser, ConfigError, cli_main  # noqa: E402
 
@@ -45,9 +47,12 @@ def main() -> int:
     parser.add_argument("--max-len", type=int, help="token budget per side; default: the ckpt's")
     parser.add_argument(
         "--truncation",
-        choices=["truncate", "skip"],
+        choices=["truncate", "skip", "right"],
         default="truncate",
-        help="over-long rows: cut the prompt from the left, or leave unscored (counted wrong)",
+        help="over-long rows: truncate (default: cut the prompt from the left, keeping the "
+        "response whole), skip (leave unscored, counted wrong), or right (reward-bench's own: "
+        "keep the first --max-len tokens, default 2048, for numbers comparable with its "
+        "leaderboard)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
     parser.add_argument("--slot", type=int, default=4, help="head output read (4 = helpfulness)")
@@ -78,6 +83,8 @@ def main() -> int:
         if not rows:
             raise ConfigError(f"{args.data}: no rows")
         model = rb.load_reward_model(args.ckpt)
+        if args.truncation == "right" and args.max_len is None:
+            args.max_len = 2048  # reward-bench's max_length
         chosen, rejected, fmt = rb.score_pairs(
             model,
             rows,
@@ -91,6 +98,13 @@ def main() -> int:
         )
         subsets = [r.subset for r in rows]
         print(f"{args.data}: {len(rows)} rows; encoding {fmt.summary()}")
+        unscored = [i for i in range(len(rows)) if not np.isfinite(chosen[i] + rejected[i])]
+        if unscored:
+            need = rb.tokens_needed(model, [rows[i] for i in unscored], template=args.template)
+            print(
+                f"{len(unscored)} rows unscored (counted wrong): too long for --max-len "
+                f"{args.max_len or model.max_len}; --max-len {need} scores them"
+            )
         if args.save_scores:
             rb.write_scores(args.save_scores, rows, chosen, rejected)
         info.update(

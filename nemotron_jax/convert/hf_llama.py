@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -358,7 +359,13 @@ class HFCheckpoint:
             path = self.dir / fname
             if not path.exists():
                 raise CheckpointError(f"{path}: listed in the index but missing")
-            handle = safe_open(str(path), framework="numpy")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - safetensors' errors are not exported types
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file, truncated or corrupt ({detail})"
+                ) from None
             self._handles[fname] = handle
             for name in handle.keys():
                 self.names[name] = fname
@@ -389,10 +396,22 @@ class HFCheckpoint:
         return _SUPPORTED_FILE_DTYPES.get(self.info("model.embed_tokens.weight")[0], "float32")
 
 
+# Tensors an HF directory may hold that no parameter reads: rotary buffers older
+# transformers versions saved, and the lm_head copy of a checkpoint with tied embeddings.
+_IGNORED_HF_TENSORS = re.compile(r"(.*\.rotary_emb\.inv_freq|lm_head\.weight)$")
+
+
 def open_hf(
-    hf_dir: str | os.PathLike, *, as_reward_model: bool = False, **overrides: Any
+    hf_dir: str | os.PathLike,
+    *,
+    as_reward_model: bool = False,
+    allow_unused: bool = False,
+    **overrides: Any,
 ) -> tuple[LlamaConfig, HFCheckpoint]:
     """Opens an HF dir and checks every tensor the table needs is present with the right shape.
+
+    A tensor that no parameter reads (e.g. a `q_proj.bias`, which Llama-3.1 has not) is refused
+    by name, since dropping it would change the model, unless `allow_unused`.
 
     The kind comes from config.json `architectures` (see `detect_kind`; `as_reward_model` reads
     a `LlamaForCausalLM` as a nemotron reward model) and is left in `ckpt.kind`. The config's
@@ -419,6 +438,13 @@ def open_hf(
                 f"{ckpt.dir}: score.weight has {labels} outputs; only single-score classifiers "
                 f"(num_labels=1) read as a reward model"
             )
+    unused = sorted(n for n in ckpt.names if n not in expected and not _IGNORED_HF_TENSORS.match(n))
+    if unused and not allow_unused:
+        more = f" and {len(unused) - 6} more" if len(unused) > 6 else ""
+        raise CheckpointError(
+            f"{ckpt.dir}: tensors this Llama has no parameter for: {unused[:6]}{more}; "
+            f"--allow-unused converts without them"
+        )
     wrong = []
     for name, shape in expected.items():
         got = ckpt.info(name)[1]

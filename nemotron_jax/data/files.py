@@ -77,8 +77,13 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     else:
         raise DataError(f"{path}: unknown file type; expected .jsonl, .jsonl.gz or .parquet")
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
+        with opener(path, "rb") as f:  # bytes, decoded per line: a bad byte names its line
+            for i, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"line {i}", e
+                    continue
                 if not line.strip():
                     yield f"line {i}", None
                     continue
@@ -86,7 +91,7 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
                     yield f"line {i}", json.loads(line)
                 except json.JSONDecodeError as e:
                     yield f"line {i}", e
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot be read ({e})") from e
 
 
@@ -161,6 +166,12 @@ def read_records(
         try:
             if isinstance(rec, json.JSONDecodeError):
                 raise BadRow("malformed_json", None, f"malformed JSON ({rec.msg})")
+            if isinstance(rec, UnicodeDecodeError):
+                raise BadRow(
+                    "not_utf8",
+                    None,
+                    f"byte 0x{rec.object[rec.start]:02x} at column {rec.start + 1} is not UTF-8",
+                )
             if not isinstance(rec, dict):
                 raise BadRow("wrong_type", None, f"expected an object, got {type(rec).__name__}")
             rows.append(parse(rec, report.rows_read - 1))

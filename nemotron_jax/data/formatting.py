@@ -16,6 +16,10 @@ HF would feed the model.
   are always kept whole: when they alone, plus one prompt token, exceed `max_len`, the example is
   skipped. Both sides of a pair get the same truncated prompt, so their rewards compare the
   responses on the same context; a pair is dropped when either side cannot fit.
+- `truncation="right"` (pairs only; reward-bench's own, for numbers comparable with its
+  leaderboard at its `max_length=2048`): keep each side's first `max_len` tokens, cutting the end
+  of a long response (or all of it after a long prompt). The default keeps the response whole,
+  which scores what was written; this one scores what reward-bench's models saw.
 
 Every skip and truncation is counted in a `FormatReport`.
 
@@ -174,6 +178,9 @@ def _fit(
             sides.append((ids, _common_prefix(prefix_ids, ids)))
         if all(len(ids) <= max_len for ids, _ in sides):
             return sides, None, dropped, False
+        if truncation == "right":  # reward-bench's: keep the first max_len tokens of each side
+            cut = [(ids[:max_len], min(start, max_len)) for ids, start in sides]
+            return cut, None, False, True
         if truncation == "skip":
             return None, "too_long", False, False
         if len(turns) == 1:
@@ -227,7 +234,9 @@ def _prompt_turns(row: Any) -> tuple[str, ...]:
 def _check_options(kind: str, truncation: str, attributes: str, max_len: int) -> None:
     if kind not in ("regression", "pairs", "sft", "prompts"):
         raise ConfigError(f"kind must be 'regression', 'pairs', 'sft' or 'prompts', got {kind!r}")
-    if truncation not in ("truncate", "skip"):
+    if truncation == "right" and kind != "pairs":
+        raise ConfigError("truncation 'right' (reward-bench's) is for scoring pairs only")
+    if truncation not in ("truncate", "skip", "right"):
         raise ConfigError(f"truncation must be 'truncate' or 'skip', got {truncation!r}")
     if attributes not in ("helpfulness", "all"):
         raise ConfigError(f"attributes must be 'helpfulness' or 'all', got {attributes!r}")

@@ -135,6 +135,31 @@ def _unique_prompts(rows) -> tuple[list, int]:
     return out, len(rows) - len(out)
 
 
+def summary(read_report: dict, train, validation) -> str:
+    """One line of what the data lost: rows read and skipped (by reason), then per split the
+    examples kept and what truncation and filtering did (`FormatReport`s)."""
+    reads = [r for r in read_report.values() if isinstance(r, dict) and "rows_read" in r]
+    rows = sum(r["rows_read"] for r in reads)
+    reasons: dict[str, int] = {}
+    for r in reads:
+        for reason, n in r["skipped"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    skipped = sum(reasons.values())
+    why = f" ({', '.join(f'{n} {k}' for k, n in sorted(reasons.items()))})" if reasons else ""
+    head = f"data: {rows} rows read, {skipped} skipped{why}" if reads else "data: tfds"
+
+    def split(name, r) -> str:
+        lost = {
+            "truncated": r.truncated_turns + r.truncated_tokens,
+            "too long": r.skipped_too_long + r.skipped_response_too_long,
+            "ties dropped": r.ties_dropped,
+        }
+        detail = ", ".join(f"{n} {k}" for k, n in lost.items() if n)
+        return f"{name} {r.kept} of {r.examples} kept" + (f" ({detail})" if detail else "")
+
+    return f"{head}; {split('train', train)}; {split('validation', validation)}"
+
+
 def load(
     data, kind: str, *, tokenizer=None, max_len: int | None = None, drop_ties: bool = False
 ) -> Splits:
@@ -178,6 +203,7 @@ def load(
         drop_ties=drop_ties,
     )
     train, validation = encode(train, **options), encode(validation, **options)
+    report["summary"] = summary(read_report, train.report, validation.report)
     report.update(
         train_encoding=train.report.summary(),
         eval_encoding=validation.report.summary(),

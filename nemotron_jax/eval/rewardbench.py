@@ -421,6 +421,15 @@ def encode_pairs(
     )
 
 
+def tokens_needed(model, rows: Sequence[Any], *, template: str | None = None) -> int:
+    """The `max_len` at which every one of `rows` is scored whole (its longer side's length)."""
+    encoded = encode_pairs(model, rows, max_len=1 << 30, template=template, truncation="skip")
+    return max(
+        (max(len(side) for side in encoded.examples[i]["tokens"]) for i in range(len(encoded))),
+        default=0,
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _forward(config, num_attributes: int, slot: int, weights: tuple[float, ...] | None, mesh):
     """A jitted `(params, tokens [B, 2, T], mask [B, 2, T]) -> rewards float32 [B, 2]`.

@@ -220,6 +220,16 @@ def run(config, workdir: str) -> dict[str, float]:
             file=sys.stderr,
         )
     data = objective.make_data(mesh, rules)
+    if "summary" in data.report:
+        print(data.report["summary"])
+    has_eval = bool(data.eval_batches) or data.evaluate is not None
+    if config.validation and not has_eval:
+        raise ConfigError(
+            f"the validation split of {data.report.get('data_dir', 'the data')} is empty; "
+            f"config.validation=False trains without one"
+        )
+    if not config.validation:
+        has_eval = False
     # Online objectives make several optimizer updates per step (one per rollout minibatch).
     training = build_training(
         config, objective, mesh, rules, config.num_steps * data.train.updates_per_step
@@ -295,7 +305,6 @@ def run(config, workdir: str) -> dict[str, float]:
         last_eval: dict[str, float] = {}
         # Real tokens of each batch since the last log, summed on the device: no per-step host sync.
         token_counts, t0 = [], time.perf_counter()
-        has_eval = bool(data.eval_batches) or data.evaluate is not None
         warned_lost_updates = False
 
         def diverged(done, what):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from nemotron_jax import artifact
-from nemotron_jax.errors import ConfigError
+from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.losses import get_loss
 from nemotron_jax.models.llama import Llama
 from nemotron_jax.train.objective import DataBundle, Objective, model_config
@@ -121,7 +121,10 @@ def _policy(config):
         raise ConfigError(
             "config.init_from must name the initial policy (e.g. an SFT run's <workdir>/params)"
         )
-    policy = artifact.load(config.init_from, restore=False)
+    try:
+        policy = artifact.load(config.init_from, kind="causal_lm", restore=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"config.init_from (the policy): {e}") from None
     if policy.template is not None and policy.template != config.data.template:
         raise ConfigError(
             f"config.data.template is {config.data.template!r} but the policy {config.init_from} "
