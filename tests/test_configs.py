@@ -94,7 +94,7 @@ def test_run_reaches_attention_impl_and_sharding_rules(tmp_path):
 @pytest.mark.parametrize(
     "flag,message",
     [
-        ("--config.model.attention_impl=flash", "attention_impl 'flash'; choose from"),
+        ("--config.model.attention_impl=flash", "attention_impl is 'flash'; choose from"),
         ("--config.sharding_rules=(('embed', 'model'),)", "no mesh axis 'model'; choose from"),
     ],
 )

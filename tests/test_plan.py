@@ -71,7 +71,7 @@ def test_batch_spec_equals_the_data_pipeline(module, arg):
 
 def test_reinforce_batch_spec_equals_the_rollout_minibatch():
     """The keys `RolloutSource.produce` puts in a minibatch, from the functions that make them
-    (the sampler's sequences, the reference log-probs, the advantages)."""
+    (the sampler's sequences and end flags, the reference log-probs, the advantages)."""
     from nemotron_jax.losses.reinforce import reinforce_advantages
     from nemotron_jax.models.llama import Llama
     from nemotron_jax.sampling import Rollout, response_sequences
@@ -107,6 +107,7 @@ def test_reinforce_batch_spec_equals_the_rollout_minibatch():
         "attention_mask": seqs["attention_mask"],
         "response_mask": seqs["response_mask"],
         "advantage": jax.ShapeDtypeStruct((b,), adv.dtype),
+        "is_end": rollout.is_end,
         "ref_logprobs": ref,
     }
     spec = objective.batch_spec(b, objective.seq_len)

@@ -48,6 +48,7 @@ import json  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from nemotron_jax.cli import parse_config_flags  # noqa: E402
 from nemotron_jax.errors import ConfigError, cli_main  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:args]")
@@ -72,24 +73,12 @@ def _mesh(text: str | None) -> tuple[int, int, int]:
 
 @cli_main
 def main() -> int:
-    try:
-        flags.FLAGS(sys.argv)
-    except flags.Error as e:  # the config file's own error is the last line of a traceback
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        flag = lines[0].split(": ", 1)[0].removeprefix("flag ")
-        reason = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
-        raise ConfigError(f"{flag}: {reason}" if len(lines) > 1 else lines[0]) from None
-    except (AttributeError, KeyError) as e:  # an override of a key the config does not declare
-        key = str(e).strip("\"'")
-        given = [a for a in sys.argv if a.startswith("--config.") and key in a]
-        raise ConfigError(f"{given[0] if given else '--config'}: no config key {key!r}") from None
-    if _CONFIG.value is None:
-        raise ConfigError("--config is required, e.g. experiments/configs/sft.py:model=llama3.1-8b")
+    config = parse_config_flags(sys.argv, _CONFIG)
     from nemotron_jax.train import plan
 
     hbm = plan.parse_bytes(flags.FLAGS.hbm)
     mesh = _mesh(flags.FLAGS.mesh)
-    figures = plan.plan(_CONFIG.value, mesh, hbm, rm_preset=flags.FLAGS.rm_model)
+    figures = plan.plan(config, mesh, hbm, rm_preset=flags.FLAGS.rm_model)
     print(plan.format_report(figures))
     if flags.FLAGS.json:
         with open(flags.FLAGS.json, "w") as f:

@@ -11,6 +11,8 @@ scored on RewardBench-format rows and <workdir>/results.md holds a Table-1-style
 Args: model=tiny|llama3.1-8b|llama3.1-70b|..., init_from=PARAMS (stage 1's starting point, e.g.
 an HF-converted Llama-3.1-70B-Instruct), data=DIR, eval_data=FILE.jsonl (RewardBench format),
 bt=regular|margin|scaled, smoke.
+A stage's field is overridden by subscript, since stage names start with a digit:
+    --config.stages['2_scaled_bt'].optim.lr=1e-4
 Outputs: <workdir>/1_regression, <workdir>/2_<bt>_bt, <workdir>/3_expo (each with params/),
 results.md and results.json.
 """
