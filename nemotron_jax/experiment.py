@@ -32,12 +32,14 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
     when there are stages, then ExPO's best alpha and each evaluated stage's Overall score."""
     from nemotron_jax.train import settings
     from nemotron_jax.train.loop import run
-    from nemotron_jax.train.workdir import record_config
+    from nemotron_jax.train.workdir import check_resume, record_config
 
     if "stages" not in config:
         return run(_resolve_random_models(config, workdir), workdir)
     os.makedirs(workdir, exist_ok=True)
     started = os.path.exists(os.path.join(workdir, "config.json"))
+    if started:
+        check_resume(workdir, config, 0)
     record_config(workdir, config, 0 if started else None)
     for name in sorted(config.stages.keys()):  # every stage before the first one trains
         try:

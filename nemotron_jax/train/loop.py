@@ -40,7 +40,7 @@ from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives, settings
 from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
-from nemotron_jax.train.workdir import record_config
+from nemotron_jax.train.workdir import check_resume, record_config
 
 # Above this fraction of lost (rounded-away) 16-bit parameter updates the run warns, once.
 LOST_UPDATE_WARNING = 0.1
@@ -169,6 +169,28 @@ def stop_requests():
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _stderr_captured():
+    """Sends file descriptor 2 to a temporary file (TensorStore's threads report a failed
+    read there, as tracebacks of their own); yields a callable returning what was written."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            time.sleep(0.2)  # let late callbacks of a failed read land here, not on the console
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
+
+
 def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
     """(step, restored) of the newest checkpoint that restores. Newer ones that are
     incomplete, unreadable or empty (a crash mid-write, a full disk, a truncated copy) are each
@@ -180,12 +202,16 @@ def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
     directory = os.fspath(manager.directory)
     failures = []
     for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(step, args=args)
-        except Exception as e:  # noqa: BLE001 - any failure to read a step means try the next
-            lines = str(e).strip().splitlines()
-            failures.append((step, f"{type(e).__name__}: {lines[0][:200] if lines else ''}"))
+        with _stderr_captured() as captured:
+            try:
+                restored = manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 - any failure to read a step: try the next
+                lines = str(e).strip().splitlines()
+                failures.append((step, f"{type(e).__name__}: {lines[0][:200] if lines else ''}"))
+                restored = None
+        if restored is None:  # what the failed read printed is in the one line below
             continue
+        sys.stderr.write(captured())
         for bad, reason in failures:
             aside = os.path.join(directory + ".corrupt", f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.makedirs(os.path.dirname(aside), exist_ok=True)
@@ -248,11 +274,12 @@ def run(config, workdir: str) -> dict[str, float]:
 
     # Where the state comes from, first match wins:
     #   1. the workdir's newest intact checkpoint: exact resume (state and data-iterator
-    #      position), if the config still describes the same run (`workdir.record_config`);
+    #      position), if the config still describes the same run (`workdir.check_resume`);
     #   2. config.init_from: parameters only (an HF-converted backbone or an earlier model);
     #   3. from scratch.
     start = manager.latest_step()
-    record_config(workdir, config, start)
+    if start is not None:
+        check_resume(workdir, config, start)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         if start is not None:
             start, restored = restore_intact(
@@ -265,6 +292,7 @@ def run(config, workdir: str) -> dict[str, float]:
             state = restored.state
             source.set_state(restored.data)
             print(f"resumed from {workdir}/checkpoints step {start}")
+            record_config(workdir, config, start)
         else:
             init_state = training.init_state
             state = jax.jit(lambda: nn.unbox(init_state()), out_shardings=state_sharding)()
@@ -276,6 +304,7 @@ def run(config, workdir: str) -> dict[str, float]:
                     init_head=config.init_head,
                 )
                 print(f"initialised parameters from {config.init_from}")
+            record_config(workdir, config, None)
             start = 0
 
         eval_step = jax.jit(

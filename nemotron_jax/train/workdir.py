@@ -1,7 +1,8 @@
 """A workdir belongs to one run: what is recorded there about the config, and what may change
 when it resumes.
 
-    record_config(workdir, config, resume_step)   # before step 0 or the first resumed step
+    check_resume(workdir, config, step)    # before restoring: refuses another run's config
+    record_config(workdir, config, step)   # before step 0 or the first resumed step
 
 `<workdir>/config.json` is the config the run started with; it is never overwritten once a
 checkpoint exists. Every start (the first and each resume) appends one line to
@@ -90,43 +91,59 @@ def _may_change(key: str, old, new) -> bool:
     return key in MAY_CHANGE
 
 
-def record_config(workdir: str, config, resume_step: int | None) -> None:
-    """Records this start of the run in `workdir` (module docstring). With `resume_step` (the
-    checkpoint resumed from), refuses a config whose run-defining fields differ from the saved
-    one (`ConfigError`)."""
+def _saved(workdir: str) -> dict[str, Any] | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); move it aside to start over") from None
+
+
+def check_resume(workdir: str, config, resume_step: int) -> None:
+    """Refuses (`ConfigError`) to resume `workdir`'s checkpoint `resume_step` with a config
+    whose run-defining fields differ from the saved config.json, listing each."""
+    saved = _saved(workdir)
+    if saved is None:
+        return
+    known = flatten(saved)
+    # A key the saved config lacks is one added to the code since; it is only recorded.
+    refused = {
+        k: v
+        for k, v in changes(saved, as_json(config)).items()
+        if k in known and not _may_change(k, *v)
+    }
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(
+            f"{workdir} holds a run of another config (checkpoint step {resume_step}); "
+            f"changed: {listed}. Use a new --workdir, or the saved config.json"
+        )
+
+
+def record_config(workdir: str, config, start_step: int | None) -> None:
+    """Records this start of the run (module docstring): config.json when the run is new
+    (`start_step` None: no checkpoint), and one line of config_history.jsonl."""
     new = as_json(config)
     path = os.path.join(workdir, "config.json")
-    history = os.path.join(workdir, "config_history.jsonl")
-    diff: dict[str, tuple[Any, Any]] = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: unreadable ({e}); move it aside to start over") from None
-        diff = changes(saved, new)
-        known = flatten(saved)
-        # A key the saved config lacks is one added to the code since; it is only recorded.
-        refused = {k: v for k, v in diff.items() if k in known and not _may_change(k, *v)}
-        if resume_step is not None and refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-            raise ConfigError(
-                f"{workdir} holds a run of another config (checkpoint step {resume_step}); "
-                f"changed: {listed}. Use a new --workdir, or the saved config.json"
-            )
-    if resume_step is None or not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:  # a new run (no checkpoint yet): its config
+    saved = _saved(workdir)
+    diff = changes(saved, new) if saved is not None else {}
+    if start_step is None or saved is None:
+        with open(path + ".tmp", "w") as f:
             json.dump(new, f, indent=2)
             f.write("\n")
         os.replace(path + ".tmp", path)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "start_step": resume_step or 0,
+        "start_step": start_step or 0,
         "changed": {k: {"old": old, "new": new_} for k, (old, new_) in diff.items()},
         "config": new,
     }
+    history = os.path.join(workdir, "config_history.jsonl")
     with open(history, "a") as f:
         f.write(json.dumps(record) + "\n")
-    if resume_step is not None and diff:
+    if start_step is not None and diff:
         listed = ", ".join(f"{k} {old!r} -> {new_!r}" for k, (old, new_) in diff.items())
         print(f"resumed with changed settings (recorded in {history}): {listed}")
