@@ -142,10 +142,7 @@ def check_vocabulary(tokenizer, config: LlamaConfig, where: str = "") -> None:
 
 def _resolve(path) -> Path:
     """A run's workdir is accepted for its `<workdir>/params` checkpoint."""
-    path = Path(path)
-    if not (path / "params" / "_METADATA").exists() and (path / "params" / "params").is_dir():
-        return path / "params"
-    return path
+    return Path(os.fspath(checkpoint.params_path(path)))
 
 
 def load(

@@ -49,6 +49,14 @@ def _abs(path) -> epath.Path:
     return epath.Path(os.path.abspath(os.fspath(path)))
 
 
+def params_path(path) -> epath.Path:
+    """The params checkpoint at `path`; a run's workdir is read for its `<workdir>/params`."""
+    path = _abs(path)
+    if not (path / PARAMS / "_METADATA").exists() and (path / "params" / PARAMS).is_dir():
+        return path / "params"
+    return path
+
+
 def default_stacked(leaf_path: LeafPath) -> bool:
     """True for leaves under a "layers" key (the nn.scan axis), whose axis 0 is the layer."""
     return "layers" in leaf_path[:-1]
@@ -225,7 +233,7 @@ def save_params_streaming(
 
 
 def _params_dir(path) -> epath.Path:
-    path = _abs(path)
+    path = params_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not (path / PARAMS / "_METADATA").exists():
@@ -249,7 +257,7 @@ def read_metadata(path) -> dict:
     """Returns the JSON metadata dict saved with the checkpoint at `path`."""
     _params_dir(path)
     args = ocp.args.Composite(metadata=ocp.args.JsonRestore())
-    return dict(_checkpointer().restore(_abs(path), args=args).metadata or {})
+    return dict(_checkpointer().restore(params_path(path), args=args).metadata or {})
 
 
 def restore_params(path, abstract_params=None, *, shardings=None):
@@ -293,7 +301,7 @@ def restore_params(path, abstract_params=None, *, shardings=None):
     restore = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), **partial
     )
-    return _checkpointer().restore(_abs(path), args=ocp.args.Composite(params=restore)).params
+    return _checkpointer().restore(params_path(path), args=ocp.args.Composite(params=restore)).params
 
 
 def _open_leaf(path, leaf_path) -> ts.TensorStore:
@@ -301,7 +309,7 @@ def _open_leaf(path, leaf_path) -> ts.TensorStore:
     meta, saved = _saved(path)
     if leaf_path not in saved:
         raise CheckpointError(f"{path}: leaf {_name(leaf_path)} is not in the checkpoint")
-    params_dir = _abs(path) / PARAMS
+    params_dir = params_path(path) / PARAMS
     ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params_dir)
     context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
     # Orbax's own spec builder: the same driver, kvstore and OCDBT layout that restore uses.

@@ -92,6 +92,8 @@ def extrapolate(
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ConfigError(f"alpha must be finite, got {alpha}")
+    # A run's workdir stands for its params/ (and its tokenizer file beside them).
+    base_dir, tuned_dir = checkpoint.params_path(base_dir), checkpoint.params_path(tuned_dir)
     leaves = _check_same_leaves(base_dir, tuned_dir)
     a = np.float32(alpha)
 

@@ -253,7 +253,7 @@ def test_tool_names_a_lever_when_it_does_not_fit():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.model.nope=1"], "no config key 'nope'"),
+        (["--config.model.nope=1"], "--config.model.nope: the config has no such key"),
         (["--devices", "4", "--mesh", "1,8,1"], "needs 8 devices, have 4"),
         (["--hbm", "lots"], "--hbm 'lots'"),
         (["--mesh", "1,8"], "--mesh '1,8'"),

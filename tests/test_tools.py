@@ -86,3 +86,66 @@ def test_bad_input_is_one_line(tmp_path, tool, args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_convert_from_hf_refuses_unmapped_and_truncated_tensors(tmp_path):
+    """A tensor no parameter reads is refused by name unless --allow-unused; a truncated
+    safetensors file is one line naming it."""
+    pytest.importorskip("torch")
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    make_hf_llama().save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    r = run_tool("convert_from_hf.py", "--hf-dir", src, "--out", tmp_path / "a")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "model.layers.0.self_attn.q_proj.bias" in lines[0] and "--allow-unused" in lines[0]
+    r = run_tool("convert_from_hf.py", "--hf-dir", src, "--out", tmp_path / "b", "--allow-unused")
+    assert r.returncode == 0, r.stderr
+
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    r = run_tool("convert_from_hf.py", "--hf-dir", src, "--out", tmp_path / "c")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "model.safetensors: not a readable safetensors file" in lines[0]
+
+
+def test_tools_take_a_run_workdir(tmp_path):
+    """convert_to_hf, expo and eval_rewardbench read a run's workdir as its params/."""
+    import ml_collections
+
+    from nemotron_jax.data.splits import data_dir
+    from nemotron_jax.train.objectives.reinforce import write_random_models
+
+    data = ml_collections.ConfigDict(
+        {"source": "synthetic", "synthetic_prompts": 200, "synthetic_seed": 0, "tokenizer": "",
+         "template": "nemo", "max_len": 64}
+    )  # fmt: skip
+    model = {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "remat": "none",
+             "num_attributes": 9, "attention_impl": "auto", "overrides": {}}  # fmt: skip
+    workdirs = []
+    for seed in (0, 1):
+        config = ml_collections.ConfigDict(
+            {"model": model, "data": data, "seed": seed, "init_from": "", "rm_from": "random"}
+        )
+        workdir = tmp_path / f"run{seed}"
+        path = write_random_models(config, workdir)["rm_from"]
+        os.replace(path, workdir / "params")  # where a run leaves its trained model
+        workdirs.append(workdir)
+    r = run_tool("convert_to_hf.py", "--ckpt", workdirs[0], "--out", tmp_path / "hf",
+                 "--kind", "nemotron_reward")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run_tool("expo.py", "--base", workdirs[0], "--tuned", workdirs[1], "--alpha", "0.5",
+                 "--out", tmp_path / "expo")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "expo" / "tokenizer.model").exists()  # the tuned run's, carried over
+    rows = data_dir(data) / "rewardbench" / "filtered.jsonl"
+    r = run_tool("eval_rewardbench.py", "--ckpt", workdirs[1], "--data", rows, "--no-progress",
+                 "--max-len", "40")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    unscored = [x for x in r.stdout.splitlines() if "rows unscored" in x]
+    assert len(unscored) == 1 and "--max-len 40; --max-len" in unscored[0], r.stdout

@@ -22,7 +22,8 @@ from typing import Any
 from nemotron_jax.errors import ConfigError
 
 # Fields a resumed run may change: how it is logged, checkpointed, shown, laid out on devices
-# or computed, none of what it computes. num_steps may only grow (the schedule's length).
+# or computed, none of what it computes. num_steps may change under a constant learning rate;
+# under a cosine schedule (whose length it is) it may only grow.
 MAY_CHANGE = (
     "name",
     "num_steps",
@@ -83,11 +84,11 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, An
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _may_change(key: str, old, new) -> bool:
+def _may_change(key: str, old, new, schedule: str = "constant") -> bool:
     if key.startswith("stages."):  # a multi-stage experiment: judge each stage's own keys
         key = key.split(".", 2)[2] if key.count(".") >= 2 else key
-    if key == "num_steps":
-        return old is not None and new is not None and new >= old
+    if key == "num_steps":  # the learning-rate schedule's length, unless it is constant
+        return old is not None and new is not None and (new >= old or schedule == "constant")
     return key in MAY_CHANGE
 
 
@@ -113,7 +114,7 @@ def check_resume(workdir: str, config, resume_step: int) -> None:
     refused = {
         k: v
         for k, v in changes(saved, as_json(config)).items()
-        if k in known and not _may_change(k, *v)
+        if k in known and not _may_change(k, *v, schedule=known.get("optim.schedule", "constant"))
     }
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())

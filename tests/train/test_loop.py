@@ -127,8 +127,8 @@ def test_run_writes_config_metrics_and_report(tmp_path):
     [
         (dict(batch_size=6), "not divisible by data-parallel size 8"),
         (dict(mesh=(3, 1, 1)), "needs 3 devices"),
-        (dict(objective="hinge"), "config.objective 'hinge' is unknown"),
-        (dict(**{"model.preset": "llama4"}), "unknown preset 'llama4'"),
+        (dict(objective="hinge"), "config.objective is 'hinge'; choose from"),
+        (dict(**{"model.preset": "llama4"}), "config.model.preset is 'llama4'; choose from"),
         (dict(**{"loss.tie_policy": "coin"}), "tie_policy"),
         (dict(**{"loss.slot": 12}), "outside the 9-slot head"),
     ],

@@ -45,9 +45,9 @@ def _train(workdir):
 
 
 def test_reinforce_runs_with_reward_model(models, tmp_path):
-    # The barely trained policy seldom ends within 8 tokens: every sibling in the baseline, so
-    # that advantages are not all 0 and the policy moves.
-    config = _rl(models, log_every=1, **{"rl.baseline": "rloo_all"})
+    # The barely trained policy seldom ends within 8 tokens: every sibling in the baseline and
+    # truncated responses kept in the loss (TRL's choices), so that the policy moves.
+    config = _rl(models, log_every=1, **{"rl.baseline": "rloo_all", "rl.truncated": "keep"})
     result = run_experiment(config, str(tmp_path / "rl"))
     rows = _train(tmp_path / "rl")
     assert sorted(rows) == [1, 2, 3, 4]
@@ -118,8 +118,9 @@ def test_learns_a_rule_based_reward(models, tmp_path):
     c.optim.lr = 3e-3
     c.rl.prompts_per_step = 8
     # The barely trained policy seldom ends within 8 tokens; with only EOS-terminated siblings
-    # in the baseline most advantages would be 0.
+    # in the baseline most advantages would be 0, and NeMo's zero_loss would zero most losses.
     c.rl.baseline = "rloo_all"
+    c.rl.truncated = "keep"
     run_experiment(c, str(tmp_path / "rl"))
     rows = _train(tmp_path / "rl")
     first = np.mean([rows[s]["reward_mean"] for s in (1, 2, 3, 4)])
@@ -131,8 +132,8 @@ def test_learns_a_rule_based_reward(models, tmp_path):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"rl.num_rollouts_per_prompt": 1}, "leave-one-out baseline needs at least 2"),
-        ({"rl.beta": -0.1}, "beta must be >= 0"),
+        ({"rl.num_rollouts_per_prompt": 1}, "num_rollouts_per_prompt is 1; it must be >= 2"),
+        ({"rl.beta": -0.1}, "config.rl.beta is -0.1; it must be >= 0"),
         ({"rl.max_new_tokens": 4000}, "exceeds the model's context of 2048"),
         ({"rl.kl_estimator": "k2"}, "kl_estimator"),
         ({"rl.baseline": "mean"}, "baseline"),
