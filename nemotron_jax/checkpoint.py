@@ -301,7 +301,9 @@ def restore_params(path, abstract_params=None, *, shardings=None):
     restore = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), **partial
     )
-    return _checkpointer().restore(params_path(path), args=ocp.args.Composite(params=restore)).params
+    return (
+        _checkpointer().restore(params_path(path), args=ocp.args.Composite(params=restore)).params
+    )
 
 
 def _open_leaf(path, leaf_path) -> ts.TensorStore:

@@ -147,5 +147,5 @@ def test_tools_take_a_run_workdir(tmp_path):
     r = run_tool("eval_rewardbench.py", "--ckpt", workdirs[1], "--data", rows, "--no-progress",
                  "--max-len", "40")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    unscored = [x for x in r.stdout.splitlines() if "rows unscored" in x]
-    assert len(unscored) == 1 and "--max-len 40; --max-len" in unscored[0], r.stdout
+    unscored = [x for x in r.stdout.splitlines() if x.startswith("200 rows unscored")]
+    assert len(unscored) == 1 and "--max-len 40; --max-len 62 scores them" in unscored[0], r.stdout
