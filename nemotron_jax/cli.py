@@ -19,19 +19,12 @@ class UsageError(NemotronError):
     """A flag, config file or config override on the command line is wrong."""
 
 
-def _keys(config, prefix="config") -> list[str]:
-    """Every leaf key of a ConfigDict, dotted: config.optim.lr, ..."""
-    out = []
-    for key, value in config.items():
-        name = f"{prefix}.{key}"
-        out.extend(_keys(value, name) if hasattr(value, "items") else [name])
-    return out
-
-
 def _unknown_override(argv, config) -> str:
     """The message for a --config.<key> override that names no field, with the closest key."""
     given = [a[2:].split("=")[0] for a in argv if a.startswith("--config.")]
-    known = _keys(config) if config is not None else []
+    from nemotron_jax.train.workdir import flatten
+
+    known = [f"config.{k}" for k in flatten(config.to_dict())] if config is not None else []
     for key in given:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)

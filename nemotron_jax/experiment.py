@@ -79,7 +79,7 @@ def _resolve_random_models(config, workdir: str):
     copy of the config naming random tiny models written under <workdir>/random_models."""
     from nemotron_jax.train.objectives import reinforce
 
-    keys = [k for k in ("init_from", "rm_from") if k in config and config[k] == reinforce.RANDOM]
+    keys = [k for k in ("init_from", "rm_from") if config[k] == reinforce.RANDOM]
     if not keys:
         return config
     paths = reinforce.write_random_models(config, os.path.join(workdir, "random_models"))

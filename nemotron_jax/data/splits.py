@@ -181,7 +181,7 @@ def load(
     tokenizer = configured_tokenizer(data, root) if tokenizer is None else tokenizer
     train, validation, read_report = _read(data, root, SOURCE_OF_KIND[kind])
     report: dict[str, Any] = {"data_dir": str(root), "read": read_report}
-    if data.get("max_rows", 0) > 0:  # the first rows of each split, in file order (smoke)
+    if data.max_rows > 0:  # the first rows of each split, in file order (smoke)
         report["max_rows"] = data.max_rows
         report["rows_before_max_rows"] = {"train": len(train), "validation": len(validation)}
         train, validation = train[: data.max_rows], validation[: data.max_rows]

@@ -109,10 +109,15 @@ PATH_KEYS = ("init_from", "reference_from", "rm_from")
 
 
 def get(config, key: str):
+    """config.<key> for a dotted key; every key checked here is declared in
+    experiments/configs/common.py, so a missing one is a config built elsewhere."""
     node = config
     for part in key.split("."):
         if part not in node:
-            return None
+            raise ConfigError(
+                f"config.{key} is missing; training configs start from "
+                f"experiments/configs/common.py:base_config, which declares every field"
+            )
         node = node[part]
     return node
 
@@ -122,12 +127,10 @@ def check(config) -> None:
     does not exist, naming the key, its value and what is valid."""
     for key, valid in _choices().items():
         value = get(config, key)
-        if value is not None and value not in valid:
+        if value not in valid:
             raise ConfigError(f"config.{key} is {value!r}; choose from {list(valid)}")
     for key, (low, inclusive) in _RANGES.items():
         value = get(config, key)
-        if value is None:
-            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config.{key} is {value!r}; expected a number")
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
@@ -137,17 +140,17 @@ def check(config) -> None:
         if high and (value > high[0] or (value == high[0] and not high[1])):
             bound = f"<= {high[0]}" if high[1] else f"< {high[0]}"
             raise ConfigError(f"config.{key} is {value!r}; it must be {bound}")
-    mesh = get(config, "mesh")
-    if mesh is not None:
-        shape = tuple(mesh)
-        if len(shape) != 3 or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
-            raise ConfigError(
-                f"config.mesh is {shape}; expected (data, fsdp, tensor), positive ints, at most "
-                f"one -1 (the remaining devices)"
-            )
+    shape = tuple(get(config, "mesh"))
+    if len(shape) != 3 or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
+        raise ConfigError(
+            f"config.mesh is {shape}; expected (data, fsdp, tensor), positive ints, at most one "
+            f"-1 (the remaining devices)"
+        )
+    from nemotron_jax.train.objectives.reinforce import RANDOM
+
     for key in PATH_KEYS:
         path = get(config, key)
-        if path and path != "random" and not path.startswith("@") and not os.path.exists(path):
+        if path and path != RANDOM and not path.startswith("@") and not os.path.exists(path):
             raise ConfigError(f"config.{key} {path}: no such checkpoint directory")
     data = config.data
     if data.source in ("dir", "tfds"):
