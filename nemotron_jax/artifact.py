@@ -266,7 +266,8 @@ def save(
             path, params, fill_fn, metadata=metadata, progress=progress
         )
     if metadata.get("tokenizer") == "sentencepiece" and not isinstance(tokenizer, str):
-        tokenizer.save(Path(path) / TOKENIZER_FILE)
+        if jax.process_index() == 0:  # orbax wrote the params from every process
+            tokenizer.save(Path(path) / TOKENIZER_FILE)
 
 
 def copy_tokenizer(src, dst) -> None:

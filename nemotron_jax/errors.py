@@ -43,10 +43,11 @@ class Preempted(Exception):
 USER_ERRORS = (NemotronError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
-def report_user_error(e: BaseException) -> int:
-    """Prints `error: <message>` (the first line of it) on stderr; returns exit status 2."""
+def report_user_error(e: BaseException, prefix: str = "") -> int:
+    """Prints `error: <prefix><message>` (the first line of it) on stderr; returns exit status
+    2. A multi-process run's prefix names the process."""
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {prefix}{message}", file=sys.stderr)
     return 2
 
 

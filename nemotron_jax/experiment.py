@@ -36,8 +36,11 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
 
     if "stages" not in config:
         return run(_resolve_random_models(config, workdir), workdir)
+    from nemotron_jax import distributed
+
     os.makedirs(workdir, exist_ok=True)
     started = os.path.exists(os.path.join(workdir, "config.json"))
+    distributed.sync("workdir_read")  # every process has looked before process 0 writes
     if started:
         check_resume(workdir, config, 0)
     record_config(workdir, config, 0 if started else None)
@@ -87,6 +90,10 @@ def _resolve_random_models(config, workdir: str):
     with config.unlocked():
         for key, path in paths.items():
             config[key] = path
+    from nemotron_jax import distributed
+
+    if not distributed.is_primary():
+        return config
     print(
         "no trained models given: "
         + ", ".join(

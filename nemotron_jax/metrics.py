@@ -15,19 +15,32 @@ class MetricWriter:
     the records of later steps (logged after that checkpoint, and about to be logged again), so
     the file holds each step once."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
+        """enabled=False (a multi-process run's processes but the first) writes nothing."""
+        self._enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
             _truncate_after(path, resume_step)
         self._jsonl = open(path, "a")  # noqa: SIM115
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self._enabled:
+            return
         values = {k: float(v) for k, v in metrics.items()}
         record = {"step": int(step), "split": split, "time": time.time(), **values}
         self._jsonl.write(json.dumps(record) + "\n")
@@ -39,6 +52,8 @@ class MetricWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        if not self._enabled:
+            return
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

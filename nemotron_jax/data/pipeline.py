@@ -18,6 +18,7 @@ Shuffling is a seeded permutation, reseeded each epoch, so a run is reproducible
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -127,6 +128,7 @@ def make_dataset(
     attributes: Attributes = "helpfulness",
     drop_ties: bool = False,
     system: str | None = None,
+    rows: slice | None = None,
 ) -> grain.IterDataset:
     """A grain `IterDataset` of dict batches with a leading batch axis B = `batch_size`.
 
@@ -139,6 +141,10 @@ def make_dataset(
         shuffle: permute the examples (per epoch) before batching.
         num_epochs: passes over the data; None repeats forever.
         drop_remainder: drop a last batch smaller than B (keeps shapes fixed).
+        rows: the rows of each batch to materialise (a process's share of a global batch,
+            `distributed.local_rows`); None: all B. The order is over example indices and
+            sliced after batching, so the global batches, and the iterator's state, do not
+            depend on how many processes share them.
 
     Returns:
         Batches `{"tokens": int32 [B, T] (pairs: [B, 2, T]), "attention_mask": same,
@@ -175,12 +181,19 @@ def make_dataset(
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if num_epochs is not None and num_epochs < 1:
         raise ConfigError(f"num_epochs must be positive or None, got {num_epochs}")
-    ds = grain.MapDataset.source(encoded).seed(seed)
+    ds = grain.MapDataset.range(len(encoded)).seed(seed)
     if shuffle:
         ds = ds.shuffle()
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(functools.partial(_gather, encoded, rows or slice(None))).to_iter_dataset()
+
+
+def _gather(encoded: EncodedDataset, rows: slice, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The padded examples `indices[rows]`, stacked: {key: [len, ...]}."""
+    examples = [encoded[int(i)] for i in np.asarray(indices)[rows]]
+    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
 
 
 def preference_splits(rows: Iterable[PreferenceRow]) -> dict[str, list[PreferenceRow]]:

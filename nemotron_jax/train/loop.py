@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from nemotron_jax import artifact, sharding
+from nemotron_jax import artifact, distributed, sharding
 from nemotron_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.optim import make_optimizer
@@ -146,12 +146,21 @@ def _all_finite(tree) -> jax.Array:
 @contextlib.contextmanager
 def stop_requests():
     """While training: SIGTERM or SIGINT asks the loop to stop after the current step (it then
-    checkpoints that step); a second signal exits at once. Yields a callable returning the
-    name of the signal received, or None. Outside the main thread (where handlers cannot be
-    installed) nothing is caught."""
+    checkpoints that step); a second signal exits at once. Yields a callable `(step) -> name of
+    the signal received, or None`, called once per step. Outside the main thread (where
+    handlers cannot be installed) nothing is caught.
+
+    With several processes the processes must stop at the same step, and a scheduler's SIGTERM
+    reaches them at different times: JAX's preemption service (which `jax.distributed`
+    installs for SIGTERM) agrees on the step, `reached_preemption_sync_point`."""
     received: list[str] = []
+    if distributed.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        yield lambda step: "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+        return
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
+        yield lambda step: None
         return
 
     def handler(signum, frame):
@@ -163,7 +172,7 @@ def stop_requests():
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield lambda: received[0] if received else None
+        yield lambda step: received[0] if received else None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -212,7 +221,7 @@ def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
         if restored is None:  # what the failed read printed is in the one line below
             continue
         sys.stderr.write(captured())
-        for bad, reason in failures:
+        for bad, reason in failures if distributed.is_primary() else ():
             aside = os.path.join(directory + ".corrupt", f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             os.replace(os.path.join(directory, str(bad)), aside)
@@ -222,6 +231,7 @@ def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
                 file=sys.stderr,
             )
         if failures:
+            distributed.sync("corrupt_checkpoints_moved")
             manager.reload()
         return step, restored
     listed = "; ".join(f"step {s}: {r}" for s, r in failures)
@@ -236,9 +246,10 @@ def run(config, workdir: str) -> dict[str, float]:
     jax.config.update("jax_threefry_partitionable", True)
     mesh = sharding.make_mesh(tuple(config.mesh))
     rules = validate(config, mesh)
+    primary = distributed.is_primary()  # process 0 writes the workdir's files and the console
 
     objective = objectives.build(config)
-    if jnp.dtype(objective.model_config.param_dtype).itemsize < 4:
+    if jnp.dtype(objective.model_config.param_dtype).itemsize < 4 and primary:
         print(
             f"warning: config.model.param_dtype is {config.model.param_dtype}: parameters, "
             f"gradients and Adam moments in 16 bits (pure bf16); updates below a weight's "
@@ -246,7 +257,7 @@ def run(config, workdir: str) -> dict[str, float]:
             file=sys.stderr,
         )
     data = objective.make_data(mesh, rules)
-    if "summary" in data.report:
+    if "summary" in data.report and primary:
         print(data.report["summary"])
     has_eval = bool(data.eval_batches) or data.evaluate is not None
     if config.validation and not has_eval:
@@ -291,7 +302,8 @@ def run(config, workdir: str) -> dict[str, float]:
             )
             state = restored.state
             source.set_state(restored.data)
-            print(f"resumed from {workdir}/checkpoints step {start}")
+            if primary:
+                print(f"resumed from {workdir}/checkpoints step {start}")
             record_config(workdir, config, start)
         else:
             init_state = training.init_state
@@ -303,7 +315,8 @@ def run(config, workdir: str) -> dict[str, float]:
                     state_sharding["params"],
                     init_head=config.init_head,
                 )
-                print(f"initialised parameters from {config.init_from}")
+                if primary:
+                    print(f"initialised parameters from {config.init_from}")
             record_config(workdir, config, None)
             start = 0
 
@@ -317,19 +330,22 @@ def run(config, workdir: str) -> dict[str, float]:
             if data.evaluate is not None:
                 return data.evaluate(params)
             total = None
-            for batch in data.eval_batches:
-                sums = eval_step(params, jax.device_put(batch, batch_sharding))
+            for batch in data.eval_batches:  # whole batches: each process places its rows
+                sums = eval_step(params, distributed.put_global(batch, batch_sharding))
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-            return finish_metrics(jax.device_get(total)) if total is not None else {}
+            return finish_metrics(distributed.fetch(total)) if total is not None else {}
 
-        writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=start)
-        with open(os.path.join(workdir, "data_report.json"), "w") as f:
-            json.dump(data.report, f, indent=2)
+        writer = MetricWriter(
+            workdir, tensorboard=config.tensorboard, resume_step=start, enabled=primary
+        )
+        if primary:
+            with open(os.path.join(workdir, "data_report.json"), "w") as f:
+                json.dump(data.report, f, indent=2)
         bar = tqdm(
             total=config.num_steps,
             initial=start,
             desc=config.name,
-            disable=not config.progress,
+            disable=not (config.progress and primary),
         )
         last_eval: dict[str, float] = {}
         # Real tokens of each batch since the last log, summed on the device: no per-step host sync.
@@ -347,7 +363,9 @@ def run(config, workdir: str) -> dict[str, float]:
 
         # Non-finite steps (their updates were not applied), counted on the device and read
         # with the metrics and before each save: no host sync per step.
-        nonfinite = {"count": jnp.zeros((), jnp.int32), "first": jnp.full((), -1, jnp.int32)}
+        nonfinite = distributed.put_global(
+            {"count": np.zeros((), np.int32), "first": np.full((), -1, np.int32)}, replicated
+        )
 
         def note_nonfinite(step_metrics, done):
             flag = step_metrics.pop("nonfinite")[0] > 0
@@ -358,7 +376,7 @@ def run(config, workdir: str) -> dict[str, float]:
         def check_nonfinite(done) -> int:
             """Stops the run as config.nan_policy says; returns the steps skipped so far."""
             count, first = (
-                int(x) for x in jax.device_get((nonfinite["count"], nonfinite["first"]))
+                int(x) for x in distributed.fetch((nonfinite["count"], nonfinite["first"]))
             )
             if count and config.nan_policy == "stop":
                 diverged(first, "the loss or the gradient norm is not finite (update not applied)")
@@ -373,7 +391,7 @@ def run(config, workdir: str) -> dict[str, float]:
         def save(done, state):  # the state and the data iterator's position, as one step
             # One reduction per save: a non-finite state is never checkpointed.
             check_nonfinite(done)
-            if not jax.device_get(_all_finite(state["params"])):
+            if not distributed.fetch(_all_finite(state["params"])):
                 diverged(done, "the parameters are not finite")
             manager.save(
                 done,
@@ -389,7 +407,9 @@ def run(config, workdir: str) -> dict[str, float]:
                 t_update = time.perf_counter()
                 metrics = None
                 for batch in batches:  # one, or a rollout's minibatches
-                    batch = jax.device_put(batch, batch_sharding)
+                    # This process's rows (numpy) into one global batch; a rollout's minibatches
+                    # already are global arrays on batch_sharding.
+                    batch = distributed.global_batch(batch, batch_sharding)
                     token_counts.append(jnp.sum(batch["attention_mask"]))
                     state, m = train_step(state, batch)
                     note_nonfinite(m, step + 1)
@@ -400,11 +420,11 @@ def run(config, workdir: str) -> dict[str, float]:
                 done = step + 1
                 if done % config.log_every == 0 or done == config.num_steps:
                     skipped = check_nonfinite(done)
-                    metrics = {**finish_metrics(jax.device_get(metrics)), **produced}
+                    metrics = {**finish_metrics(distributed.fetch(metrics)), **produced}
                     if config.nan_policy == "skip":
                         metrics["skipped_steps"] = skipped
                     lost = metrics.get("lost_update_fraction", 0.0)
-                    if lost > LOST_UPDATE_WARNING and not warned_lost_updates:
+                    if lost > LOST_UPDATE_WARNING and not warned_lost_updates and primary:
                         print(
                             f"warning: step {done}: {lost:.0%} of the {config.model.param_dtype} "
                             f"parameter updates were below the parameters' resolution and lost; "
@@ -415,7 +435,7 @@ def run(config, workdir: str) -> dict[str, float]:
                     if not np.isfinite(metrics["loss"]) and config.nan_policy == "stop":
                         diverged(done, f"the loss is {metrics['loss']}")
                     elapsed = time.perf_counter() - t0
-                    tokens_seen = sum(int(n) for n in jax.device_get(token_counts))
+                    tokens_seen = sum(int(n) for n in distributed.fetch(token_counts))
                     metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
                     token_counts, t0 = [], time.perf_counter()
                     writer.write(done, "train", metrics)
@@ -429,7 +449,7 @@ def run(config, workdir: str) -> dict[str, float]:
                 if done % config.checkpoint_every == 0 or done == config.num_steps:
                     save(done, state)
                 bar.update(1)
-                stopped_by = stop_signal()
+                stopped_by = stop_signal(done)
                 if stopped_by and done < config.num_steps:
                     if done % config.checkpoint_every:
                         save(done, state)
@@ -450,9 +470,10 @@ def run(config, workdir: str) -> dict[str, float]:
         # The trained parameters as a params checkpoint: what `init_from` and the export tools read.
         export = os.path.join(workdir, "params")
         stale = export + ".stale"
-        if os.path.exists(export):  # from a shorter run of this workdir; replace it
+        if os.path.exists(export) and primary:  # from a shorter run of this workdir; replace it
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(export, stale)
+        distributed.sync("old_params_moved")
         artifact.save(
             export,
             state["params"],
@@ -464,6 +485,7 @@ def run(config, workdir: str) -> dict[str, float]:
             max_len=config.data.max_len,
             extra={"objective": objective.name},
         )
-        shutil.rmtree(stale, ignore_errors=True)
+        if primary:
+            shutil.rmtree(stale, ignore_errors=True)
     manager.close()
     return last_eval

@@ -165,15 +165,28 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
     return out
 
 
-def supervised_data(config, model_config: LlamaConfig, kind: str, drop_ties=False) -> DataBundle:
+def supervised_data(
+    config, model_config: LlamaConfig, kind: str, mesh, drop_ties=False
+) -> DataBundle:
     """A dataset batch per step and the whole validation split as eval batches, for `kind`
-    examples (see `nemotron_jax.data.splits`)."""
+    examples (see `nemotron_jax.data.splits`). Each process materialises only its rows of every
+    global training batch (those its devices hold on `mesh`); the validation batches are whole
+    (the loop places each process's rows). `mesh` None reads whole training batches."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from nemotron_jax import distributed
     from nemotron_jax.data import splits
     from nemotron_jax.data.pipeline import make_dataset
 
     data = splits.load(config.data, kind, drop_ties=drop_ties)
     artifact.check_vocabulary(data.tokenizer, model_config)
-    train_ds = make_dataset(data.train, batch_size=config.batch_size, seed=config.seed)
+    rows = None  # no mesh (a test reading batches): whole batches
+    if mesh is not None:
+        rows = distributed.local_rows(NamedSharding(mesh, P(("data", "fsdp"))), config.batch_size)
+    train_ds = make_dataset(
+        data.train, batch_size=config.batch_size, seed=config.seed, rows=rows
+    )
     eval_batches = []
     if len(data.validation):
         eval_ds = make_dataset(

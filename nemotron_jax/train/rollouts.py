@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nemotron_jax import artifact, sharding
+from nemotron_jax import artifact, distributed, sharding
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses.lm import token_logprobs
 from nemotron_jax.losses.reinforce import (
@@ -270,6 +270,16 @@ class RolloutSource:
             return kl, {name: v.reshape(-1) for name, v in out.items()}
 
         self._advantages = jax.jit(advantages)
+        size, count = rl.minibatch_size, self.updates_per_step
+        # The rollout's minibatches in generation order, each split over the data-parallel
+        # devices as the train step expects (one program: also across processes).
+        self._split = jax.jit(
+            lambda batch: [
+                jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
+                for i in range(count)
+            ],
+            out_shardings=self.batch_sharding,
+        )
 
     # --- the three frozen-model calls -------------------------------------------------------
 
@@ -277,9 +287,13 @@ class RolloutSource:
         """Rewards [B] float32 of the sequences."""
         if self.rm is not None:
             return self._rm_score(self.rm.params, seqs["tokens"], seqs["attention_mask"])
-        tokens = np.asarray(seqs["tokens"])
-        response = np.asarray(seqs["response_mask"]).astype(bool)
-        prompt_len = np.asarray(seqs["prompt_lengths"])
+        # Every process decodes and scores all rows (text rewards are cheap; the same values
+        # everywhere), then places its own.
+        host = distributed.fetch(
+            {k: seqs[k] for k in ("tokens", "response_mask", "prompt_lengths")}
+        )
+        tokens, prompt_len = host["tokens"], host["prompt_lengths"]
+        response = host["response_mask"].astype(bool)
         stops = set(self.sampling.stop_tokens)
         prompts, responses = [], []
         for row, rmask, n in zip(tokens, response, prompt_len, strict=True):
@@ -291,7 +305,7 @@ class RolloutSource:
             raise ValueError(
                 f"config.reward_fn returned shape {rewards.shape}, expected ({len(prompts)},)"
             )
-        return jax.device_put(rewards, self.batch_sharding)
+        return distributed.put_global(rewards, self.batch_sharding)
 
     # --- the loop's interface ---------------------------------------------------------------
 
@@ -316,7 +330,8 @@ class RolloutSource:
         return self.prompts.tokens[idx], self.prompts.mask[idx]
 
     def _put(self, x):
-        return jax.device_put(np.asarray(x), self.batch_sharding)
+        """Host rows every process holds whole -> a global array split over the batch axis."""
+        return distributed.put_global(np.asarray(x), self.batch_sharding)
 
     def produce(self, params, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         tokens, mask = self._next_prompts()
@@ -354,7 +369,7 @@ class RolloutSource:
             "is_end": rollout.is_end,
             "ref_logprobs": ref_logp,
         }
-        host = jax.device_get(
+        host = distributed.fetch(  # the rollout's global arrays, gathered to every process
             {
                 "rewards": rewards,
                 "kl": kl,
@@ -375,12 +390,7 @@ class RolloutSource:
             "eos_rate": float(np.mean(host["is_end"])),
             **timings,
         }
-        size = self.rl.minibatch_size
-        minibatches = [
-            jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
-            for i in range(self.updates_per_step)
-        ]
-        return minibatches, metrics
+        return self._split(batch), metrics
 
     def _sample_eval(self, params):
         """Samples for every held-out prompt, with the evaluation key (the same at each call)."""
@@ -407,7 +417,7 @@ class RolloutSource:
                 ("lengths", rollout.lengths),
                 ("is_end", rollout.is_end),
             ):
-                out[name].append(np.asarray(jax.device_get(v)))
+                out[name].append(distributed.fetch(v))
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def evaluate(self, params) -> dict[str, float]:

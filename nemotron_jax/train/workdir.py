@@ -126,7 +126,16 @@ def check_resume(workdir: str, config, resume_step: int) -> None:
 
 def record_config(workdir: str, config, start_step: int | None) -> None:
     """Records this start of the run (module docstring): config.json when the run is new
-    (`start_step` None: no checkpoint), and one line of config_history.jsonl."""
+    (`start_step` None: no checkpoint), and one line of config_history.jsonl. In a
+    multi-process run only process 0 writes; the others wait until it has."""
+    from nemotron_jax import distributed
+
+    if distributed.is_primary():
+        _record(workdir, config, start_step)
+    distributed.sync("config_recorded")
+
+
+def _record(workdir: str, config, start_step: int | None) -> None:
     new = as_json(config)
     path = os.path.join(workdir, "config.json")
     saved = _saved(workdir)

@@ -82,6 +82,7 @@ def write_random_models(config, out_dir) -> dict[str, str]:
     `init_from=random` and `rm_from=random` resolve to. Returns {config key: path}."""
     from pathlib import Path
 
+    from nemotron_jax import distributed
     from nemotron_jax.data.splits import configured_tokenizer
     from nemotron_jax.models.reward import RewardModel
 
@@ -93,16 +94,18 @@ def write_random_models(config, out_dir) -> dict[str, str]:
         if config[key] != RANDOM:
             continue
         path = Path(out_dir) / ("policy" if kind == "causal_lm" else "reward_model")
-        if not path.exists():
+        written = path.exists()
+        distributed.sync(f"random_{kind}_looked_for")  # all agree before process 0 writes it
+        if not written:
             heads = config.model.num_attributes
             module = Llama(mcfg) if kind == "causal_lm" else RewardModel(mcfg, heads)
             rng = jax.random.PRNGKey(config.seed + (kind == "reward_model"))
             params = jax.jit(lambda rng, m=module: m.init(rng, tokens, attention_mask=tokens + 1))(
                 rng
             )
-            artifact.save(
+            artifact.save(  # host copies: every process saves, process 0 writes (orbax)
                 path,
-                nn.unbox(params["params"]),
+                jax.device_get(nn.unbox(params["params"])),
                 config=mcfg,
                 kind=kind,
                 num_attributes=heads if kind == "reward_model" else None,

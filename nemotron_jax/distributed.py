@@ -1,0 +1,261 @@
+"""Several processes, one program: JAX's multi-controller runtime, as on a multi-host GPU or TPU
+cluster (one process per host, every process running the same command).
+
+    from nemotron_jax import distributed
+    distributed.initialize(coordinator_address, num_processes, process_id)  # before any op
+    if distributed.is_primary(): ...        # process 0 writes the workdir's files
+    distributed.sync("params_written")      # every process waits for the others
+    values = distributed.fetch(tree)         # global arrays -> numpy, in every process
+
+With none of the three arguments `initialize` asks JAX's own cluster detection (SLURM, Open MPI,
+TPU VMs, Kubernetes); on a single host without a cluster it does nothing, and every helper here
+is then a no-op. On CPU the cross-process collectives are gloo's.
+
+Failure is loud on every process, never a hang:
+- a Python error in one process is published through the coordination service's key-value store
+  (`fail`); a watchdog thread in every other process prints one line naming the failing process
+  and exits with status 1 within a second;
+- a process that dies without a word (killed, out of memory) stops sending heartbeats; after
+  `heartbeat_timeout_s` the coordination service ends every other process (XLA's message names
+  the unhealthy task).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+from nemotron_jax.errors import ConfigError
+
+# Seconds. A process that misses heartbeats this long counts as dead and ends the job; a
+# finished process waits this long at exit for the others. Long enough for a loaded host, short
+# enough that a failure is seen within a minute.
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 30
+INITIALIZATION_TIMEOUT_S = 300
+_FAILURE_KEY = "nemotron_jax/failure"
+_POLL_S = 0.5
+
+_watchdog_stop = threading.Event()
+
+
+def _cluster_detected() -> str | None:
+    """The name of the cluster environment JAX would initialise from, or None (a lone host).
+    Opt-in methods (mpi4py) are left to an explicit `cluster_detection_method`."""
+    try:
+        from jax._src import clusters  # private, but the list JAX itself walks
+    except ImportError:
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            if env.is_env_present():
+                return env.__name__
+        except Exception:  # noqa: BLE001 - a probe that cannot run means no such cluster
+            continue
+    return None
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+    initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
+) -> bool:
+    """Joins the job's processes (see the module docstring); returns whether it did.
+
+    Must run before the first JAX computation. Raises ConfigError, naming the flag, on
+    arguments JAX cannot start from.
+    """
+    import jax
+
+    given = {
+        "--coordinator_address": coordinator_address,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
+    }
+    cluster = _cluster_detected()
+    if all(v is None for v in given.values()) and cluster is None:
+        return False
+    if cluster is None and any(v is None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        raise ConfigError(
+            f"{', '.join(missing)} missing: without a detected cluster (SLURM, Open MPI, TPU, "
+            f"Kubernetes) give --coordinator_address, --num_processes and --process_id together"
+        )
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"--num_processes must be positive, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ConfigError(f"--process_id {process_id} is not in [0, --num_processes={num_processes})")
+    if _default_backend_is_cpu():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=initialization_timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            shutdown_timeout_seconds=shutdown_timeout_s,
+        )
+    except ValueError as e:  # JAX's own message names the argument it could not fill in
+        raise ConfigError(f"jax.distributed.initialize: {e}") from None
+    _start_watchdog()
+    return True
+
+
+def _default_backend_is_cpu() -> bool:
+    from nemotron_jax import runtime
+
+    return runtime._default_backend_is_cpu()
+
+
+def process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; always true in one process)."""
+    return process_index() == 0
+
+
+def describe() -> str:
+    """"process i of n: " in a multi-process job, else ""."""
+    return f"process {process_index()} of {process_count()}: " if process_count() > 1 else ""
+
+
+def sync(name: str) -> None:
+    """Every process waits here until all have arrived (no-op in one process)."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def fetch(tree: Any) -> Any:
+    """The values of a tree of (global) jax arrays as numpy, the same in every process: the
+    arrays other processes hold are gathered (a collective: every process must call it)."""
+    import jax
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def local_rows(sharding, num_rows: int) -> slice:
+    """The rows [start, stop) of a batch of `num_rows` that this process's devices hold under
+    `sharding` (split on its leading axis); all of them in one process. The slice is what this
+    process reads and passes to `jax.make_array_from_process_local_data`."""
+    indices = sharding.addressable_devices_indices_map((num_rows,)).values()
+    starts = [idx[0].start or 0 for idx in indices]
+    stops = [num_rows if idx[0].stop is None else idx[0].stop for idx in indices]
+    start, stop = min(starts), max(stops)
+    held = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops, strict=True)})
+    if held != stop - start:
+        raise ConfigError(
+            f"this process's devices hold rows that are not contiguous in the batch "
+            f"({sorted(set(zip(starts, stops, strict=True)))}): order the mesh's devices by process"
+        )
+    return slice(start, stop)
+
+
+def put_global(tree: Any, sharding) -> Any:
+    """Host values that every process holds whole (numpy, the same in each) as global arrays on
+    `sharding`: each process places the parts its devices hold."""
+    import jax
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Each leaf of this process's rows (`local_rows`) as one global array on `sharding`; leaves
+    that already are jax arrays pass through."""
+    import jax
+
+    return jax.tree.map(
+        lambda x: x
+        if isinstance(x, jax.Array)
+        else jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+        local,
+    )
+
+
+# --- failure --------------------------------------------------------------------------------
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the runtime client JAX keeps
+
+    return jax_distributed.global_state.client
+
+
+def fail(message: str) -> None:
+    """Publishes this process's failure so every other process ends at once (see the module
+    docstring). A no-op in one process."""
+    if process_count() <= 1:
+        return
+    client = _client()
+    if client is None:
+        return
+    try:
+        client.key_value_set(_FAILURE_KEY, f"process {process_index()}: {message}")
+    except Exception:  # noqa: BLE001 - another process failed first; its message stands
+        pass
+
+
+def exit_now(status: int) -> None:
+    """Leaves without JAX's shutdown barrier, which would wait for processes that will never
+    arrive (and then abort, hiding `status`)."""
+    _watchdog_stop.set()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _start_watchdog() -> None:
+    client = _client()
+    me = f"process {process_index()}:"
+
+    def watch():
+        while not _watchdog_stop.wait(_POLL_S):
+            try:
+                message = client.key_value_try_get(_FAILURE_KEY)
+            except Exception:  # noqa: BLE001 - NOT_FOUND: nobody has failed
+                continue
+            if message.startswith(me):
+                return
+            print(
+                f"error: {message} (this is process {process_index()} of {process_count()}, "
+                f"stopping)",
+                file=sys.stderr,
+            )
+            exit_now(1)
+
+    threading.Thread(target=watch, name="nemotron_jax-failure-watchdog", daemon=True).start()
+    atexit.register(_watchdog_stop.set)  # runs before JAX's own shutdown (registered earlier)
