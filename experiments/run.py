@@ -33,7 +33,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from nemotron_jax.cli import parse_config_flags  # noqa: E402
-from nemotron_jax.errors import USER_ERRORS, Preempted, report_user_error  # noqa: E402
+from nemotron_jax.errors import USER_ERRORS, ConfigError, Preempted, report_user_error  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:args]", lock_config=True
@@ -48,11 +48,29 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. n-1")
+_LOCAL_DEVICES = flags.DEFINE_list(
+    "local_device_ids",
+    None,
+    "accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 for one process per 8-GPU host "
+    "(JAX's default under SLURM or Open MPI is one GPU per task, by local rank)",
+)
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_s",
     30,
     "seconds without a heartbeat after which a process counts as dead and the job ends",
 )
+
+
+def _local_device_ids() -> list[int] | None:
+    if _LOCAL_DEVICES.value is None:
+        return None
+    try:
+        return [int(i) for i in _LOCAL_DEVICES.value]
+    except ValueError:
+        raise ConfigError(
+            f"--local_device_ids must be comma-separated integers, got "
+            f"{','.join(_LOCAL_DEVICES.value)!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
             _PROCESS_ID.value,
+            _local_device_ids(),
             heartbeat_timeout_s=_HEARTBEAT.value,
         )
         from nemotron_jax.experiment import run_experiment
@@ -86,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         if not joined:
             raise
+        if distributed.is_lost_peer(e):
+            distributed.report_lost_peer(e)
         import traceback
 
         traceback.print_exc()

@@ -16,8 +16,11 @@ Failure is loud on every process, never a hang:
   (`fail`); a watchdog thread in every other process prints one line naming the failing process
   and exits with status 1 within a second;
 - a process that dies without a word (killed, out of memory) stops sending heartbeats; after
-  `heartbeat_timeout_s` the coordination service ends every other process (XLA's message names
-  the unhealthy task).
+  `heartbeat_timeout_s` the coordination service ends every other process. A process whose
+  collective broke because its peer went away (gloo: "Connection closed by peer") waits for that
+  verdict (`report_lost_peer`) rather than blame itself; the line that names the dead process is
+  then either ours or XLA's ("tasks are unhealthy (stopped sending heartbeats): <ids>"), which
+  ends the process at the same moment.
 """
 
 from __future__ import annotations
@@ -66,12 +69,17 @@ def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    local_device_ids: list[int] | None = None,
     *,
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
     shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
     initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
 ) -> bool:
     """Joins the job's processes (see the module docstring); returns whether it did.
+
+    `local_device_ids`: the accelerators this process drives. JAX's default under SLURM and
+    Open MPI is the one whose index is the task's local rank (one process per GPU); with one
+    process per host give them all (`0,1,...,7`).
 
     Must run before the first JAX computation. Raises ConfigError, naming the flag, on
     arguments JAX cannot start from.
@@ -103,6 +111,7 @@ def initialize(
             coordinator_address,
             num_processes,
             process_id,
+            local_device_ids,
             initialization_timeout=initialization_timeout_s,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
             shutdown_timeout_seconds=shutdown_timeout_s,
@@ -236,6 +245,50 @@ def exit_now(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+# What a collective raises when the process at the other end has gone (gloo on CPU, NCCL and the
+# coordination service on GPU/TPU).
+_LOST_PEER_MARKERS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "unavailable:",
+    "socket closed",
+    "remote process exited",
+)
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """Whether `error` says another process went away mid-collective, not a fault of this one."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return process_count() > 1 and any(marker in text for marker in _LOST_PEER_MARKERS)
+
+
+def report_lost_peer(error: BaseException) -> None:
+    """Waits (up to the heartbeat timeout) for the coordination service to tell which processes
+    are gone, prints one line naming them and ends this process with status 1. XLA may end it
+    first, at the same moment, with its own message naming them."""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    print(
+        f"{describe()}a collective failed ({type(error).__name__}: {first}): waiting for the "
+        f"coordination service to name the process that stopped",
+        file=sys.stderr,
+        flush=True,
+    )
+    everyone = list(range(process_count()))
+    try:
+        live = _client().get_live_nodes(everyone)  # returns once the dead miss their heartbeats
+    except Exception:  # noqa: BLE001 - the service itself is gone (process 0 died)
+        live = {process_index(): 0} if process_index() != 0 else {}
+    gone = [i for i in everyone if i not in live]
+    names = ", ".join(str(i) for i in gone) or "unknown"
+    print(
+        f"error: process {names} of {process_count()} stopped responding (killed or crashed); "
+        f"ending process {process_index()}",
+        file=sys.stderr,
+    )
+    exit_now(1)
 
 
 def _start_watchdog() -> None:

@@ -158,9 +158,9 @@ def test_reinforce_two_processes_equal_one(tmp_path):
     )
 
 
-def test_killed_process_ends_the_other(tmp_path):
-    workdir = tmp_path / "run"
-    procs = _start(2, 2, workdir, [*RM, "--config.num_steps=100000", "--config.mesh=(1,4,1)"])
+def _start_training(workdir: Path, args):
+    """Starts 2 processes on an endless run; returns them once step 1 is logged."""
+    procs = _start(2, 2, workdir, args)
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()):  # training has started
@@ -168,13 +168,43 @@ def test_killed_process_ends_the_other(tmp_path):
             _wait(procs, workdir, 1)
             pytest.fail("the run did not start:\n" + Path(f"{workdir}.p0.log").read_text())
         time.sleep(0.5)
+    return procs
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
+    """A scheduler's SIGTERM reaching one host: both agree on a step, checkpoint it, exit 0."""
+    workdir = tmp_path / "run"
+    endless = [*RM, "--config.num_steps=100000", "--config.mesh=(1,4,1)"]
+    procs = _start_training(workdir, [*endless, "--config.checkpoint_every=100000"])
+    procs[1].send_signal(signal.SIGTERM)
+    (rc0, out0), (rc1, out1) = _wait(procs, workdir, FAILURE_DEADLINE_S)
+    assert rc0 == 0 and rc1 == 0, out0[-3000:] + "\n---\n" + out1[-3000:]
+    stopped = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(stopped) == 1, stopped  # the one step both processes stopped after
+    step = stopped[0]
+    for out in (out0, out1):
+        assert f"SIGTERM: stopped after step {step} of 100000" in out, out[-3000:]
+    assert [r["step"] for r in _train_records(workdir)] == list(range(1, step + 1))
+
+    out = _run(1, 4, workdir, [*RM, f"--config.num_steps={step + 1}", "--config.mesh=(1,4,1)"])
+    assert f"step {step}" in out[0][1] and "resumed from" in out[0][1]
+    assert [r["step"] for r in _train_records(workdir)] == list(range(1, step + 2))
+
+
+def test_killed_process_ends_the_other(tmp_path):
+    workdir = tmp_path / "run"
+    procs = _start_training(workdir, [*RM, "--config.num_steps=100000", "--config.mesh=(1,4,1)"])
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     (rc, out), _ = _wait(procs, workdir, FAILURE_DEADLINE_S)
     assert time.monotonic() - killed_at < FAILURE_DEADLINE_S
     assert rc != 0, out[-3000:]
-    # The coordination service's one line names the dead task.
-    assert "tasks are unhealthy (stopped sending heartbeats):\n1" in out, out[-3000:]
+    # The dead process is named: by our line when a collective broke first, else by the
+    # coordination service's message, which ends the process at the same moment.
+    ours = "error: process 1 of 2 stopped responding (killed or crashed); ending process 0"
+    xla = "tasks are unhealthy (stopped sending heartbeats):\n1"
+    assert ours in out or xla in out, out[-3000:]
+    assert "error: process 0" not in out, out[-3000:]  # the survivor does not blame itself
 
 
 def test_bad_row_read_by_one_process_ends_both(tmp_path):
