@@ -125,7 +125,7 @@ def print_summary(results) -> None:
     stages = results if staged else {"run": results}
     print("\nfinal validation metrics")
     for name, metrics in stages.items():
-        if name == "evaluation":
+        if name in ("evaluation", "not_run"):
             continue
         if "best_alpha" in metrics:
             print(f"  {name:<28} best alpha {metrics['best_alpha']}")

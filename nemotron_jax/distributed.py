@@ -103,7 +103,9 @@ def initialize(
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num_processes must be positive, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ConfigError(f"--process_id {process_id} is not in [0, --num_processes={num_processes})")
+        raise ConfigError(
+            f"--process_id {process_id} is not in [0, --num_processes={num_processes})"
+        )
     if _default_backend_is_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -146,7 +148,7 @@ def is_primary() -> bool:
 
 
 def describe() -> str:
-    """"process i of n: " in a multi-process job, else ""."""
+    """ "process i of n: " in a multi-process job, else ""."""
     return f"process {process_index()} of {process_count()}: " if process_count() > 1 else ""
 
 
@@ -208,9 +210,11 @@ def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, Any]:
     import jax
 
     return jax.tree.map(
-        lambda x: x
-        if isinstance(x, jax.Array)
-        else jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+        lambda x: (
+            x
+            if isinstance(x, jax.Array)
+            else jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        ),
         local,
     )
 

@@ -67,6 +67,16 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
                 stage.init_from = os.path.join(workdir, ref, "params")
         print(f"=== stage {name} ===")
         results[name] = run(stage, os.path.join(workdir, name))
+    after = [k for k in ("expo", "evaluate") if k in config]
+    if after and distributed.process_count() > 1:
+        # ExPO's sweep and the RewardBench evaluation load checkpoints on one host's devices.
+        if distributed.is_primary():
+            print(
+                f"config.{' and config.'.join(after)} not run: they run in one process; rerun "
+                f"this command without --num_processes (the trained stages resume as finished)"
+            )
+        results["not_run"] = {"config_keys": after}
+        return results
     if "expo" in config:
         print(f"=== stage {EXPO_STAGE}: ExPO alpha sweep ===")
         results[EXPO_STAGE] = run_expo(config, workdir)

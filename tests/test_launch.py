@@ -36,7 +36,9 @@ def _run_py_flags() -> set[str]:
 def _shell_command(path) -> list[str]:
     """The arguments after `experiments/run.py` in the recipe's run.py command."""
     text = re.sub(r"\\\n", " ", path.read_text())  # join continued lines
-    lines = [line for line in text.splitlines() if RUN_PY in line and not line.lstrip().startswith("#")]
+    lines = [
+        line for line in text.splitlines() if RUN_PY in line and not line.lstrip().startswith("#")
+    ]
     assert len(lines) == 1, f"{path.name}: expected one run.py command, found {len(lines)}"
     rest = lines[0].split(RUN_PY, 1)[1]
     return shlex.split(rest.removeprefix('"'))  # the closing quote of "$REPO/experiments/run.py"
@@ -52,7 +54,9 @@ def _yaml_commands(path) -> list[list[str]]:
         for job in doc["spec"]["replicatedJobs"]:
             for container in job["template"]["spec"]["template"]["spec"]["containers"]:
                 command = [*container.get("command", []), *container.get("args", [])]
-                assert RUN_PY in command, f"{path.name}: container {container['name']} runs no run.py"
+                assert RUN_PY in command, (
+                    f"{path.name}: container {container['name']} runs no run.py"
+                )
                 commands.append(command[command.index(RUN_PY) + 1 :])
     return commands
 
@@ -68,7 +72,9 @@ def _check_flags(args: list[str], defined: set[str], where: str) -> dict[str, st
         if name.startswith("config."):
             given[name] = value
             continue
-        assert name in defined, f"{where}: --{name} is not a flag of experiments/run.py {sorted(defined)}"
+        assert name in defined, (
+            f"{where}: --{name} is not a flag of experiments/run.py {sorted(defined)}"
+        )
         given[name] = value
     return given
 
@@ -104,7 +110,9 @@ def test_jobset_recipe_loads_and_names_run_py_flags(path):
     for command in _yaml_commands(path):
         given = _check_flags(command, defined, path.name)
         assert "config" in given and "workdir" in given, f"{path.name}: --config and --workdir"
-        _check_config(given["config"], {k: v for k, v in given.items() if k.startswith("config.")}, path.name)
+        _check_config(
+            given["config"], {k: v for k, v in given.items() if k.startswith("config.")}, path.name
+        )
         coordinator = [given.get(k) for k in ("coordinator_address", "num_processes", "process_id")]
         assert all(coordinator) or not any(coordinator), f"{path.name}: give all three or none"
 

@@ -157,7 +157,9 @@ def stop_requests():
     if distributed.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        yield lambda step: "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+        yield (
+            lambda step: "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+        )
         return
     if threading.current_thread() is not threading.main_thread():
         yield lambda step: None

@@ -184,9 +184,7 @@ def supervised_data(
     rows = None  # no mesh (a test reading batches): whole batches
     if mesh is not None:
         rows = distributed.local_rows(NamedSharding(mesh, P(("data", "fsdp"))), config.batch_size)
-    train_ds = make_dataset(
-        data.train, batch_size=config.batch_size, seed=config.seed, rows=rows
-    )
+    train_ds = make_dataset(data.train, batch_size=config.batch_size, seed=config.seed, rows=rows)
     eval_batches = []
     if len(data.validation):
         eval_ds = make_dataset(
