@@ -51,7 +51,7 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name  # the progress bar's label
     c.seed = 0  # parameter init, data order and sampling all derive from it
-    # regression | regular_bt | margin_bt | scaled_bt | sft | reinforce
+    # regression | regular_bt | margin_bt | scaled_bt | sft | reinforce | dpo
     # (nemotron_jax/train/objectives/__init__.py: OBJECTIVES)
     c.objective = objective
 
@@ -177,6 +177,21 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     # gathered (one all-gathered copy for the rollout; fastest, fits up to ~8B on 80 GB) |
     # per_step (each decode step gathers each layer as it runs it; 70B on 80 GB)
     c.rl.sampler_weights = "gathered"
+
+    # DPO only (experiments/configs/dpo.py; nemotron_jax/losses/dpo.py). The policy starts from
+    # init_from; the frozen reference is reference_from ("" = init_from).
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.variant = "regular"  # regular | margin | scaled
+    c.dpo.beta = 0.1  # > 0
+    c.dpo.label_smoothing = 0.0  # conservative DPO's epsilon, in [0, 0.5)
+    c.dpo.sft_weight = 0.0  # RPO-style NLL term on the chosen response
+    # m = |preference_strength| * strength_scale: 1.0 gives m in 1..3, 1/3 gives 1/3..1.
+    c.dpo.strength_scale = 1.0
+    # precomputed: the reference's log-probs in a pre-pass, stored in
+    # <workdir>/reference_logprobs keyed by the reference checkpoint and the data, reused on
+    # resume; training holds no reference | resident: the reference stays on the devices and
+    # scores each training batch.
+    c.dpo.reference = "precomputed"
     return c
 
 

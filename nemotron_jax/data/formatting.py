@@ -29,6 +29,7 @@ Every skip and truncation is counted in a `FormatReport`.
 |---|---|
 | regression | tokens int32 [T], attention_mask int32 [T], labels float32 [9] |
 | pairs | tokens int32 [2, T], attention_mask int32 [2, T], strength int32 [] |
+| lm_pairs | as pairs, plus loss_mask int32 [2, T]: each side's response targets (DPO) |
 | sft | tokens int32 [T], attention_mask int32 [T], loss_mask int32 [T] |
 | prompts | tokens int32 [T], attention_mask int32 [T]: the prompt ready for generation |
 
@@ -71,7 +72,7 @@ from nemotron_jax.data.tokenizer import (
 )
 from nemotron_jax.errors import ConfigError, DataError
 
-Kind = Literal["regression", "pairs", "sft", "prompts"]
+Kind = Literal["regression", "pairs", "lm_pairs", "sft", "prompts"]
 Template = Literal["llama3", "nemo"]
 Truncation = Literal["truncate", "skip"]
 Attributes = Literal["helpfulness", "all"]
@@ -232,7 +233,7 @@ def _prompt_turns(row: Any) -> tuple[str, ...]:
 
 
 def _check_options(kind: str, truncation: str, attributes: str, max_len: int) -> None:
-    if kind not in ("regression", "pairs", "sft", "prompts"):
+    if kind not in ("regression", "pairs", "lm_pairs", "sft", "prompts"):
         raise ConfigError(f"kind must be 'regression', 'pairs', 'sft' or 'prompts', got {kind!r}")
     if truncation == "right" and kind != "pairs":
         raise ConfigError("truncation 'right' (reward-bench's) is for scoring pairs only")
@@ -330,7 +331,7 @@ def encode_rows(
                 # A NeMo row keeps the system prompt it was written with.
                 row_system = nemo_system if system is None and template == "nemo" else system
                 responses, extra["labels"] = [response], labels
-            elif kind == "pairs":
+            elif kind in ("pairs", "lm_pairs"):
                 turns, responses, strength = _pair_target(row)
                 extra["strength"] = np.asarray(strength, np.int32)
             elif kind == "sft":
@@ -342,7 +343,8 @@ def encode_rows(
             raise
         except ValueError as e:
             raise DataError(f"{kind} row {index}: {e}") from e
-        if (kind == "pairs" and drop_ties and strength == 0) or None in responses:
+        paired = kind in ("pairs", "lm_pairs")
+        if (paired and drop_ties and strength == 0) or None in responses:
             report.ties_dropped += 1
             continue
         if row_system not in renderers:
@@ -361,15 +363,17 @@ def encode_rows(
         )
         if sides is None:
             setattr(report, f"skipped_{reason}", getattr(report, f"skipped_{reason}") + 1)
-            report.pairs_dropped += kind == "pairs"
+            report.pairs_dropped += paired
             continue
         report.truncated_turns += dropped
         report.truncated_tokens += cut
         tokens = [np.asarray(ids, np.int32) for ids, _ in sides]
         example = {"index": np.asarray(index, np.int32), **extra}
-        example["tokens"] = tokens if kind == "pairs" else tokens[0]
+        example["tokens"] = tokens if paired else tokens[0]
         if kind == "sft":
             example["response_start"] = sides[0][1]
+        if kind == "lm_pairs":
+            example["response_start"] = [start for _, start in sides]
         examples.append(example)
     report.kept = len(examples)
     return examples, report
@@ -389,6 +393,10 @@ def pad_example(example: dict[str, Any], *, max_len: int, pad_id: int) -> dict[s
         padded = [_pad(t, max_len, pad_id) for t in example["tokens"]]
         out["tokens"] = np.stack([p[0] for p in padded])
         out["attention_mask"] = np.stack([p[1] for p in padded])
+        if "response_start" in example:  # lm_pairs
+            out["loss_mask"] = out["attention_mask"].copy()
+            for side, start in enumerate(example["response_start"]):
+                out["loss_mask"][side, :start] = 0
         return out
     out["tokens"], out["attention_mask"] = _pad(example["tokens"], max_len, pad_id)
     if "response_start" in example:

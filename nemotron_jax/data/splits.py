@@ -26,6 +26,7 @@ SOURCE_OF_KIND = {
     "regression": "ratings",
     "sft": "ratings",
     "pairs": "preferences",
+    "lm_pairs": "preferences",
     "prompts": "preferences",
 }
 SOURCES = ("synthetic", "dir", "tfds")

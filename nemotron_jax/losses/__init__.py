@@ -24,6 +24,7 @@ scales every example's terms there.
 Losses: `regression`, `regular_bt`, `margin_bt`, `scaled_bt` (NeMo-Aligner's names; see
 `losses/reward.py`) and `sft` (`losses/lm.py`).
 `reinforce` (`losses/reinforce.py`): NeMo-Aligner REINFORCE policy gradient with an RLOO baseline.
+`dpo` (`losses/dpo.py`): DPO on preference pairs, regular, margin and scaled.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.losses.dpo import dpo
 from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
@@ -65,6 +67,7 @@ LOSSES: dict[str, LossFn] = {
     "sft": sft,
     "sft_fused": sft_fused,
     "reinforce": reinforce,
+    "dpo": dpo,
 }
 
 
@@ -137,6 +140,7 @@ __all__ = [
     "Metrics",
     "Sums",
     "batch_sums",
+    "dpo",
     "get_loss",
     "margin_bt",
     "metric_means",

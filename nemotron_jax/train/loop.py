@@ -258,7 +258,7 @@ def run(config, workdir: str) -> dict[str, float]:
             f"resolution are lost. float32 master weights: model.param_dtype=float32",
             file=sys.stderr,
         )
-    data = objective.make_data(mesh, rules)
+    data = objective.make_data(mesh, rules, workdir)
     if "summary" in data.report and primary:
         print(data.report["summary"])
     has_eval = bool(data.eval_batches) or data.evaluate is not None

@@ -43,8 +43,9 @@ class Objective:
         module: the Flax module (`Llama` or `RewardModel`).
         loss_fn: `(outputs, batch) -> (per-example loss [B], weight [B], metrics)`.
         progress_keys: metrics shown on the progress bar.
-        make_data: `(mesh, rules) -> DataBundle`; the mesh and rules place frozen models that
-            online objectives sample or score with.
+        make_data: `(mesh, rules, workdir=None) -> DataBundle`; the mesh and rules place
+            frozen models that online objectives sample or score with; the workdir holds what
+            an objective computes once per run (DPO's reference log-probs).
         batch_spec: `(batch_size, seq_len) -> {key: jax.ShapeDtypeStruct}`, the keys, shapes
             and dtypes of one training batch as the batch source yields it, without reading
             data (what an ahead-of-time plan lowers the step with).
@@ -59,7 +60,7 @@ class Objective:
     module: Any
     loss_fn: Callable
     progress_keys: tuple[str, ...]
-    make_data: Callable[[Any, Any], DataBundle]
+    make_data: Callable[..., DataBundle]
     batch_spec: Callable[[int, int], dict[str, jax.ShapeDtypeStruct]]
     seq_len: int
     num_attributes: int | None = None
@@ -75,11 +76,12 @@ class Objective:
         return self.module.init(rng, tokens, attention_mask=tokens + 1)["params"]
 
     def apply(self, params, batch):
+        tokens, mask = batch["tokens"], batch["attention_mask"]
+        if self.kind == "causal_lm" and tokens.ndim == 3:  # pairs [B, 2, T] -> rows [2B, T]
+            b, k, t = tokens.shape
+            tokens, mask = tokens.reshape(b * k, t), mask.reshape(b * k, t)
         return self.module.apply(
-            {"params": params},
-            batch["tokens"],
-            attention_mask=batch["attention_mask"],
-            method=self.method,
+            {"params": params}, tokens, attention_mask=mask, method=self.method
         )
 
     def loss(self, outputs, batch):
@@ -120,10 +122,16 @@ def supervised_batch_spec(kind: str):
     (regression, pairs or sft), as `nemotron_jax.data.formatting` pads each example."""
 
     def spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-        tokens = (batch_size, 2, seq_len) if kind == "pairs" else (batch_size, seq_len)
+        paired = kind in ("pairs", "lm_pairs")
+        tokens = (batch_size, 2, seq_len) if paired else (batch_size, seq_len)
         extra = {
             "regression": {"labels": ((batch_size, NUM_LABEL_SLOTS), np.float32)},
             "pairs": {"strength": ((batch_size,), np.int32)},
+            "lm_pairs": {
+                "strength": ((batch_size,), np.int32),
+                "loss_mask": (tokens, np.int32),
+                "reference_logprobs": ((batch_size, 2), np.float32),
+            },
             "sft": {"loss_mask": (tokens, np.int32)},
         }[kind]
         shapes = {
@@ -166,12 +174,14 @@ def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]
 
 
 def supervised_data(
-    config, model_config: LlamaConfig, kind: str, mesh, drop_ties=False
+    config, model_config: LlamaConfig, kind: str, mesh, drop_ties=False, prepare=None
 ) -> DataBundle:
     """A dataset batch per step and the whole validation split as eval batches, for `kind`
     examples (see `nemotron_jax.data.splits`). Each process materialises only its rows of every
     global training batch (those its devices hold on `mesh`); the validation batches are whole
-    (the loop places each process's rows). `mesh` None reads whole training batches."""
+    (the loop places each process's rows). `mesh` None reads whole training batches.
+    `prepare(splits)`, when given, runs on the encoded splits before batching (DPO adds the
+    reference's log-probs to each example there)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -181,6 +191,8 @@ def supervised_data(
 
     data = splits.load(config.data, kind, drop_ties=drop_ties)
     artifact.check_vocabulary(data.tokenizer, model_config)
+    if prepare is not None:
+        prepare(data)
     rows = None  # no mesh (a test reading batches): whole batches
     if mesh is not None:
         rows = distributed.local_rows(NamedSharding(mesh, P(("data", "fsdp"))), config.batch_size)

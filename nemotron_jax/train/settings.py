@@ -23,6 +23,7 @@ NAN_POLICIES = ("stop", "skip")
 def _choices() -> dict[str, tuple]:
     # Imported here: each list lives beside the code that acts on it.
     from nemotron_jax.data.splits import SOURCES
+    from nemotron_jax.losses.dpo import REFERENCE_MODES, VARIANTS
     from nemotron_jax.losses.reinforce import (
         KL_ESTIMATORS,
         REINFORCE_NORMALIZATIONS,
@@ -58,6 +59,8 @@ def _choices() -> dict[str, tuple]:
         "rl.policy_logprobs": ("auto", "sampler", "recompute"),
         "rl.sampler_weights": SAMPLER_WEIGHTS,
         "rl.truncated": TRUNCATED_POLICIES,
+        "dpo.variant": VARIANTS,
+        "dpo.reference": REFERENCE_MODES,
     }
 
 
@@ -100,9 +103,18 @@ _RANGES = {
     "rl.top_p": (0, False),
     "rl.eval_prompts": (1, True),
     "rl.eval_temperature": (0, True),
+    "dpo.beta": (0, False),
+    "dpo.label_smoothing": (0, True),
+    "dpo.sft_weight": (0, True),
+    "dpo.strength_scale": (0, False),
 }
 # Upper bounds, inclusive unless noted.
-_BELOW = {"optim.b1": (1, False), "optim.b2": (1, False), "rl.top_p": (1, True)}
+_BELOW = {
+    "optim.b1": (1, False),
+    "optim.b2": (1, False),
+    "rl.top_p": (1, True),
+    "dpo.label_smoothing": (0.5, False),
+}
 # Checkpoints read at start; "" means none, "@stage" an earlier stage's params, "random" a random
 # model written at start (init_from and rm_from of REINFORCE smoke runs; experiment.py).
 PATH_KEYS = ("init_from", "reference_from", "rm_from")

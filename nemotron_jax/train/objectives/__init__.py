@@ -3,6 +3,7 @@
     regression, regular_bt, margin_bt, scaled_bt   reward.py: RewardModel on HelpSteer2
     sft                                            sft.py: Llama LM on well-rated responses
     reinforce                                      reinforce.py: Llama LM on its own samples
+    dpo                                            dpo.py: Llama LM on preference pairs
 
 A new objective is one module whose `build(config) -> Objective` (see
 `nemotron_jax/train/objective.py`) is registered here, plus one experiment config.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.train.objective import Objective
-from nemotron_jax.train.objectives import reinforce, reward, sft
+from nemotron_jax.train.objectives import dpo, reinforce, reward, sft
 
 OBJECTIVES = {
     "regression": reward.build,
@@ -21,6 +22,7 @@ OBJECTIVES = {
     "scaled_bt": reward.build,
     "sft": sft.build,
     "reinforce": reinforce.build,
+    "dpo": dpo.build,
 }
 
 

@@ -185,7 +185,7 @@ def build(config) -> Objective:
         module=Llama(mcfg),
         loss_fn=loss,
         progress_keys=("reward_mean", "kl", "response_length"),
-        make_data=lambda mesh, rules: _data(config, mcfg, mesh, rules),
+        make_data=lambda mesh, rules, workdir=None: _data(config, mcfg, mesh, rules),
         batch_spec=batch_spec,
         seq_len=config.rl.max_prompt_len + config.rl.max_new_tokens,
         method="hidden_and_head",

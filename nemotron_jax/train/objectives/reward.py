@@ -61,7 +61,9 @@ def build(config) -> Objective:
         module=RewardModel(mcfg, num_attributes),
         loss_fn=loss,
         progress_keys=keys,
-        make_data=lambda mesh, rules: supervised_data(config, mcfg, kind, mesh, drop_ties),
+        make_data=lambda mesh, rules, workdir=None: supervised_data(
+            config, mcfg, kind, mesh, drop_ties
+        ),
         batch_spec=supervised_batch_spec(kind),
         seq_len=config.data.max_len,
         num_attributes=num_attributes,

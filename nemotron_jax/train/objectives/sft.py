@@ -25,7 +25,7 @@ def build(config) -> Objective:
         module=Llama(mcfg),
         loss_fn=loss,
         progress_keys=("loss", "token_nll"),
-        make_data=lambda mesh, rules: supervised_data(config, mcfg, "sft", mesh),
+        make_data=lambda mesh, rules, workdir=None: supervised_data(config, mcfg, "sft", mesh),
         batch_spec=supervised_batch_spec("sft"),
         seq_len=config.data.max_len,
         method="hidden_and_head",
