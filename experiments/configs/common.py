@@ -157,6 +157,14 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.rl.kl_reduce = "mean"  # mean over response tokens (NeMo) | sum (TRL)
     c.rl.baseline = "rloo_eos"  # rloo_eos: EOS-terminated siblings only (NeMo) | rloo_all (TRL)
     c.rl.normalize = "sequence"  # sequence: each response weighs 1 (NeMo) | token
+    # rloo: leave-one-out baseline (NeMo, TRL RLOO) | group_norm: (R - group mean) / group std
+    # (GRPO; experiments/configs/grpo.py)
+    c.rl.advantage = "rloo"
+    c.rl.kl_in = "reward"  # reward: R - beta * KL (NeMo) | loss: beta * k3 per token (GRPO)
+    # plain: -A log pi (NeMo REINFORCE) | clipped: the ratio surrogate against the rollout
+    # policy's log-probs, clipped to [1 - clip_eps, 1 + clip_eps] (PPO, GRPO)
+    c.rl.policy_loss = "plain"
+    c.rl.clip_eps = 0.2  # in (0, 1); read by policy_loss=clipped
     # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
     # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
     # program). They agree to about 1e-7 in float32 but differ by ~5e-4 per token in bf16

@@ -9,10 +9,16 @@ The pieces, in the order a rollout step uses them:
 2. `reinforce_advantages`: KL-shaped reward R - beta * KL, its leave-one-out baseline
    (`rloo_baseline`) and the advantage. NeMo: beta = `initial_policy_kl_penalty` (0.01), only
    EOS-terminated siblings in the baseline. TRL: every sibling.
-3. `reinforce`: the policy-gradient loss -A * log pi(y), under the contract of
-   `nemotron_jax.losses` (objective = sum(loss) / sum(weight)). No probability ratio, no
-   clipping, no value network, no entropy bonus (NeMo REINFORCE; TRL's sequence-level PPO clip
-   is not implemented).
+   `group_normalized_advantages` instead: GRPO's (R - mean_K R) / (std_K R + eps).
+3. `reinforce`: the policy-gradient loss under the contract of `nemotron_jax.losses`
+   (objective = sum(loss) / sum(weight)): plain -A * log pi(y) (NeMo REINFORCE: no ratio, no
+   clipping, no value network, no entropy bonus), or with `clip_eps` the clipped surrogate
+   per token, max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)), r_t = pi / pi_old (PPO, GRPO); and
+   optionally the KL as a loss term (`kl_loss_coef` * k3 per token, GRPO) instead of in the
+   reward.
+
+REINFORCE, RLOO and GRPO are configurations of these pieces (`rl.advantage`, `rl.clip_eps`,
+`rl.kl_in`; experiments/configs/reinforce.py and grpo.py).
 
 All functions are pure, return float32 and are jit-friendly once their string / float options
 are bound (they are static).
@@ -36,6 +42,13 @@ KL_REDUCTIONS = ("mean", "sum")
 REINFORCE_NORMALIZATIONS = ("sequence", "token")
 # What a response without EOS (cut at max_new_tokens) contributes to the loss.
 TRUNCATED_POLICIES = ("zero_loss", "keep")
+# rloo: leave-one-out baseline on the KL-shaped reward (NeMo, TRL RLOO) | group_norm: GRPO.
+ADVANTAGES = ("rloo", "group_norm")
+# Where the KL penalty goes: reward (R - beta * KL, NeMo, TRL RLOO) | loss (beta * k3 per token
+# as a loss term, GRPO).
+KL_PLACEMENTS = ("reward", "loss")
+POLICY_LOSSES = ("plain", "clipped")  # -A log pi | the clipped ratio surrogate
+GROUP_NORM_EPS = 1e-4  # TRL GRPO's epsilon under the std
 
 
 def _check_option(kind: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -192,6 +205,65 @@ def reinforce_advantages(
     return {"shaped": shaped, "baseline": baseline, "advantage": shaped - baseline}
 
 
+def group_normalized_advantages(rewards: jax.Array, *, eps: float = GROUP_NORM_EPS) -> jax.Array:
+    """GRPO's advantages: each sample's reward less its group's mean, over the group's standard
+    deviation (unbiased, ddof = 1, as TRL's torch `std`) plus `eps`.
+
+    Args:
+        rewards: [P, K] float (already KL-shaped when the KL goes in the reward).
+
+    Returns:
+        [P, K] float32. A group whose rewards are all equal (std 0) gets advantage 0, not NaN.
+
+    Raises:
+        ConfigError: K < 2 (a group of one has no spread).
+    """
+    rewards = _f32(rewards)
+    if rewards.ndim != 2:
+        raise ValueError(f"group_normalized_advantages needs rewards [P, K], got {rewards.shape}")
+    if rewards.shape[1] < 2:
+        raise ConfigError(
+            f"GRPO needs at least 2 samples per prompt (num_rollouts_per_prompt), got "
+            f"K={rewards.shape[1]}"
+        )
+    centred = rewards - jnp.mean(rewards, axis=1, keepdims=True)
+    std = jnp.std(rewards, axis=1, keepdims=True, ddof=1)
+    return centred / (std + eps)
+
+
+def policy_advantages(
+    rewards: jax.Array,
+    kl: jax.Array,
+    is_end: jax.Array,
+    *,
+    beta: float,
+    advantage: str = "rloo",
+    kl_in: str = "reward",
+    eos_only: bool = True,
+) -> dict[str, jax.Array]:
+    """The advantages of one rollout batch by `advantage` and `kl_in` (module docstring).
+
+    Args:
+        rewards, kl, is_end: [P, K], as for `reinforce_advantages`.
+
+    Returns:
+        {"shaped", "baseline", "advantage"}, each [P, K] float32: "shaped" is R - beta * KL
+        (kl_in "reward") or R (kl_in "loss"); for group_norm "baseline" is the group mean.
+    """
+    _check_option("advantage", advantage, ADVANTAGES)
+    _check_option("KL placement", kl_in, KL_PLACEMENTS)
+    shaped_beta = beta if kl_in == "reward" else 0.0
+    if advantage == "rloo":
+        return reinforce_advantages(rewards, kl, is_end, beta=shaped_beta, eos_only=eos_only)
+    shaped = _f32(rewards) - shaped_beta * _f32(kl)
+    baseline = jnp.broadcast_to(jnp.mean(shaped, axis=1, keepdims=True), shaped.shape)
+    return {
+        "shaped": shaped,
+        "baseline": baseline,
+        "advantage": group_normalized_advantages(shaped),
+    }
+
+
 def reinforce(
     outputs: tuple[jax.Array, jax.Array],
     batch: Mapping[str, Any],
@@ -199,8 +271,11 @@ def reinforce(
     implementation: str = "chunked",
     normalize: str = "sequence",
     truncated: str = "zero_loss",
+    clip_eps: float = 0.0,
+    kl_loss_coef: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, Metrics]:
-    """REINFORCE policy-gradient loss -A * log pi(y) (NeMo `megatron_gpt_reinforce_actor`).
+    """REINFORCE policy-gradient loss -A * log pi(y) (NeMo `megatron_gpt_reinforce_actor`), or
+    the clipped surrogate with `clip_eps` > 0 (PPO / GRPO).
 
     Args:
         outputs: (hidden [B, T, D], lm_head [D, V]), as `Llama.hidden_and_head` returns them
@@ -229,6 +304,14 @@ def reinforce(
               NeMo's actor zeroes the loss of a micro-batch with no ended response; with its
               default micro_batch_size of 1 that is exactly each truncated response.
             - "keep": the full -A * log pi gradient, like an ended response.
+        clip_eps: 0 (plain REINFORCE) or the clip range eps in (0, 1): each response token's
+            term is max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)) with r_t = exp(log pi - log
+            pi_old) and `batch["old_logprobs"]` [B, T] the rollout policy's log-probs (aligned
+            with tokens like "ref_logprobs"). At r_t = 1 its gradient is plain REINFORCE's.
+            The terms are reduced over the response as `normalize` says.
+        kl_loss_coef: beta of a KL loss term, beta * k3_t = beta * (exp(q_t) - q_t - 1) with
+            q_t = log pi_ref - log pi per response token, reduced like the policy terms
+            (GRPO); needs "ref_logprobs". 0: none (the KL is in the reward).
 
     Returns:
         loss [B], weight [B] (objective `sum(loss) / sum(weight)`), and metrics, each
@@ -238,6 +321,9 @@ def reinforce(
             - "advantage": A (weight 1 per sequence).
             - "kl_abs_k1" (only with "ref_logprobs"): mean |log pi - log pi_ref| per response
               token with the CURRENT policy's log-probs (weighted by token count).
+            - "clip_fraction" (with clip_eps): the share of response tokens whose ratio was
+              clipped (weighted by token count).
+            - "kl_k3" (with kl_loss_coef): mean k3 per response token.
 
     """
     _check_option("REINFORCE normalization", normalize, REINFORCE_NORMALIZATIONS)
@@ -259,11 +345,31 @@ def reinforce(
     logp_sum = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)
     n_tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
     mean_logp = logp_sum / jnp.maximum(n_tokens, 1.0)
+    extra: Metrics = {}
+    if clip_eps:
+        old = jax.lax.stop_gradient(_f32(batch["old_logprobs"])[:, 1:])
+        ratio = jnp.exp(logp - old)
+        a = advantage[:, None]
+        terms = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+        clipped = (jnp.abs(ratio - 1.0) > clip_eps) & mask
+        extra["clip_fraction"] = (
+            jnp.sum(clipped, axis=-1) / jnp.maximum(n_tokens, 1.0),
+            n_tokens,
+        )
+    else:
+        terms = -advantage[:, None] * logp
+    if kl_loss_coef:
+        q = _f32(batch["ref_logprobs"])[:, 1:] - logp
+        k3 = jnp.exp(q) - q - 1.0
+        terms = terms + kl_loss_coef * k3
+        k3_mean = jnp.sum(jnp.where(mask, k3, 0.0), axis=-1) / jnp.maximum(n_tokens, 1.0)
+        extra["kl_k3"] = (jax.lax.stop_gradient(k3_mean), n_tokens)
+    terms_sum = jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
     if normalize == "sequence":
-        loss = -advantage * mean_logp
+        loss = terms_sum / jnp.maximum(n_tokens, 1.0)
         weight = (n_tokens > 0).astype(jnp.float32)
     else:
-        loss = -advantage * logp_sum
+        loss = terms_sum
         weight = n_tokens
     if truncated == "zero_loss" and batch.get("is_end") is not None:
         is_end = jnp.asarray(batch["is_end"]).astype(bool)
@@ -280,14 +386,19 @@ def reinforce(
             raise ValueError(f"ref_logprobs must be [B, T] = {tokens.shape}, got {ref.shape}")
         kl = sequence_kl(jax.lax.stop_gradient(logp), ref[:, 1:], mask, "abs_k1", "mean")
         metrics["kl_abs_k1"] = (kl, n_tokens)
-    return loss, weight, metrics
+    return loss, weight, {**metrics, **extra}
 
 
 __all__ = [
+    "ADVANTAGES",
     "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
+    "POLICY_LOSSES",
     "KL_REDUCTIONS",
     "REINFORCE_NORMALIZATIONS",
     "TRUNCATED_POLICIES",
+    "group_normalized_advantages",
+    "policy_advantages",
     "reinforce",
     "reinforce_advantages",
     "rloo_baseline",

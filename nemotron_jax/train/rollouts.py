@@ -8,7 +8,8 @@ One step, NeMo-Aligner's REINFORCE (`helpsteer2_spec.md` §4.2):
 3. reward each (prompt, response) with the frozen reward model, or a Python callable;
 4. per-token log-probs of the responses under the policy and the frozen reference policy;
 5. KL-shaped reward R - beta * KL, a leave-one-out baseline over each prompt's K samples and
-   the advantage (`nemotron_jax.losses.reinforce`);
+   the advantage (`nemotron_jax.losses.reinforce`; GRPO: group-normalised, the KL optionally
+   a loss term instead);
 6. hand the P*K sequences to the loop as minibatches of `minibatch_size`, in generation order
    (the baseline was computed on whole groups first), for that many optimizer steps.
 
@@ -39,7 +40,7 @@ from nemotron_jax.losses.lm import token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
     KL_REDUCTIONS,
-    reinforce_advantages,
+    policy_advantages,
     sequence_kl,
 )
 from nemotron_jax.models.llama import Llama, LlamaConfig, abstract_params
@@ -260,11 +261,13 @@ class RolloutSource:
                 logp, ref_logp, response_mask, estimator=rl.kl_estimator, reduce=rl.kl_reduce
             )
             shape = (-1, self.k)
-            out = reinforce_advantages(
+            out = policy_advantages(
                 rewards.reshape(shape),
                 kl.reshape(shape),
                 is_end.reshape(shape),
                 beta=rl.beta,
+                advantage=rl.advantage,
+                kl_in=rl.kl_in,
                 eos_only=rl.baseline == "rloo_eos",
             )
             return kl, {name: v.reshape(-1) for name, v in out.items()}
@@ -368,6 +371,7 @@ class RolloutSource:
             "advantage": adv["advantage"],
             "is_end": rollout.is_end,
             "ref_logprobs": ref_logp,
+            "old_logprobs": logp,  # the rollout policy's, for a clipped ratio
         }
         host = distributed.fetch(  # the rollout's global arrays, gathered to every process
             {

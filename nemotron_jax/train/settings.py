@@ -25,7 +25,10 @@ def _choices() -> dict[str, tuple]:
     from nemotron_jax.data.splits import SOURCES
     from nemotron_jax.losses.dpo import REFERENCE_MODES, VARIANTS
     from nemotron_jax.losses.reinforce import (
+        ADVANTAGES,
         KL_ESTIMATORS,
+        KL_PLACEMENTS,
+        POLICY_LOSSES,
         REINFORCE_NORMALIZATIONS,
         TRUNCATED_POLICIES,
     )
@@ -59,6 +62,9 @@ def _choices() -> dict[str, tuple]:
         "rl.policy_logprobs": ("auto", "sampler", "recompute"),
         "rl.sampler_weights": SAMPLER_WEIGHTS,
         "rl.truncated": TRUNCATED_POLICIES,
+        "rl.advantage": ADVANTAGES,
+        "rl.kl_in": KL_PLACEMENTS,
+        "rl.policy_loss": POLICY_LOSSES,
         "dpo.variant": VARIANTS,
         "dpo.reference": REFERENCE_MODES,
     }
@@ -103,6 +109,7 @@ _RANGES = {
     "rl.top_p": (0, False),
     "rl.eval_prompts": (1, True),
     "rl.eval_temperature": (0, True),
+    "rl.clip_eps": (0, False),
     "dpo.beta": (0, False),
     "dpo.label_smoothing": (0, True),
     "dpo.sft_weight": (0, True),
@@ -113,6 +120,7 @@ _BELOW = {
     "optim.b1": (1, False),
     "optim.b2": (1, False),
     "rl.top_p": (1, True),
+    "rl.clip_eps": (1, False),
     "dpo.label_smoothing": (0.5, False),
 }
 # Checkpoints read at start; "" means none, "@stage" an earlier stage's params, "random" a random

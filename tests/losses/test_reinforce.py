@@ -14,6 +14,8 @@ from nemotron_jax.kernels.logprobs.reference import token_logprobs_reference
 from nemotron_jax.losses import (
     LOSSES,
     get_loss,
+    group_normalized_advantages,
+    policy_advantages,
     reduce_batch,
     reinforce,
     reinforce_advantages,
@@ -364,3 +366,112 @@ def test_reinforce_registered_and_validates_options():
     assert LOSSES["reinforce"] is reinforce and get_loss("reinforce") is reinforce
     with pytest.raises(ConfigError, match=r"'mean'.*sequence.*token"):
         reinforce(_outputs(), _batch(), normalize="mean")
+
+
+# ------------------------------------------------------------- GRPO: group norm, clip, k3
+
+
+def test_group_normalized_advantages_hand_values_and_std_zero():
+    rewards = jnp.asarray([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    # Group 0: mean 2, unbiased std 1; group 1: std 0 -> advantage 0, not NaN.
+    want = [[-1.0 / (1 + 1e-4), 0.0, 1.0 / (1 + 1e-4)], [0.0, 0.0, 0.0]]
+    _close(group_normalized_advantages(rewards), want)
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        group_normalized_advantages(jnp.ones((3, 1)))
+
+
+def test_policy_advantages_kl_in_reward_or_loss():
+    rewards = jnp.asarray([[1.0, 3.0]])
+    kl = jnp.asarray([[2.0, 0.0]])
+    is_end = jnp.ones((1, 2), bool)
+    in_reward = policy_advantages(rewards, kl, is_end, beta=0.5, advantage="group_norm")
+    _close(in_reward["shaped"], [[0.0, 3.0]])  # R - 0.5 KL
+    _close(in_reward["baseline"], [[1.5, 1.5]])
+    s = 3.0 / math.sqrt(2.0)  # unbiased std of (0, 3)
+    _close(in_reward["advantage"], [[-1.5 / (s + 1e-4), 1.5 / (s + 1e-4)]])
+    in_loss = policy_advantages(rewards, kl, is_end, beta=0.5, advantage="group_norm", kl_in="loss")
+    _close(in_loss["shaped"], rewards)  # the KL is left to the loss
+    rloo = policy_advantages(rewards, kl, is_end, beta=0.5, advantage="rloo", eos_only=False)
+    _close(
+        rloo["advantage"],
+        reinforce_advantages(rewards, kl, is_end, beta=0.5, eos_only=False)["advantage"],
+    )
+    with pytest.raises(ConfigError, match="advantage"):
+        policy_advantages(rewards, kl, is_end, beta=0.5, advantage="gae")
+
+
+# Sequence 0's three response tokens get ratios 1 (at), 1.1 (inside eps 0.2) and 1.5 (outside,
+# above); sequence 1's two get 0.5 (outside, below) and 0.9 (inside).
+RATIOS = {(0, 2): 1.0, (0, 3): 1.1, (0, 4): 1.5, (1, 1): 0.5, (1, 2): 0.9}
+
+
+def _clip_batch(advantage):
+    logp = np.zeros(TOKENS.shape, np.float32)
+    flat = [lp for row in TOKEN_LOGP for lp in row]
+    positions = [(b, t) for b in range(4) for t in range(1, 5) if RESPONSE_MASK[b, t]]
+    for (b, t), lp in zip(positions, flat, strict=True):
+        logp[b, t] = lp
+    old = logp.copy()
+    for (b, t), r in RATIOS.items():
+        old[b, t] = logp[b, t] - math.log(r)  # ratio = exp(logp - old) = r
+    batch = _batch(old_logprobs=old)
+    batch["advantage"] = np.asarray(advantage, np.float32)
+    return batch, logp
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_clipped_surrogate_at_inside_and_outside_the_range(sign):
+    eps = 0.2
+    advantage = [sign, sign, 0.0, 0.0]
+    batch, _ = _clip_batch(advantage)
+    batch["old_logprobs"][2:] = -100.0  # sequences 2, 3: advantage 0 -> terms 0 however clipped
+    loss, weight, metrics = reinforce(_outputs(), batch, clip_eps=eps, truncated="keep")
+
+    def term(a, r):
+        return max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+
+    s0 = [term(sign, RATIOS[(0, t)]) for t in (2, 3, 4)]
+    s1 = [term(sign, RATIOS[(1, t)]) for t in (1, 2)]
+    _close(loss[:2], [np.mean(s0), np.mean(s1)], atol=tolerances.LOGPROBS_F32)
+    _close(weight, [1.0, 1.0, 1.0, 0.0])
+    # By hand for A = +1: 1.5 is clipped to 1.2, 0.5 is not (min picks the unclipped -0.5);
+    # for A = -1: 1.5 is not, 0.5 is clipped to 0.8.
+    want0 = [-1.0, -1.1, -1.2] if sign > 0 else [1.0, 1.1, 1.5]
+    want1 = [-0.5, -0.9] if sign > 0 else [0.8, 0.9]
+    _close(loss[:2], [np.mean(want0), np.mean(want1)], atol=tolerances.LOGPROBS_F32)
+    # Tokens with |r - 1| > eps count as clipped: one of three, one of two.
+    _close(metrics["clip_fraction"][0][:2], [1 / 3, 1 / 2])
+
+    # The gradient reaches a token's logit row only where its term is not clipped.
+    grad = np.asarray(
+        jax.grad(lambda h: jnp.sum(reinforce((h, jnp.eye(3)), batch, clip_eps=eps)[0]))(
+            jnp.asarray(HIDDEN)
+        )
+    )
+    frozen = (0, 3) if sign > 0 else (1, 0)  # the row that predicts the clipped token
+    assert np.all(grad[frozen] == 0.0)
+    live = (0, 2) if sign > 0 else (0, 3)  # predicts the ratio-1.1 / ratio-1.5 token
+    assert np.any(grad[live] != 0.0)
+
+
+def test_clipped_gradient_at_ratio_one_equals_plain_reinforce():
+    batch, logp = _clip_batch(ADVANTAGE)
+    batch["old_logprobs"] = logp  # on-policy: every ratio is 1
+
+    def objective(h, **options):
+        return reduce_batch(*reinforce((h, jnp.eye(3)), batch, **options))["loss"]
+
+    hidden = jnp.asarray(HIDDEN)
+    plain = jax.grad(objective)(hidden)
+    clipped = jax.grad(functools.partial(objective, clip_eps=0.2))(hidden)
+    _close(clipped, plain, atol=tolerances.LOGPROBS_F32)
+
+
+def test_k3_loss_term_hand_values():
+    batch, logp = _clip_batch(np.zeros(4))  # advantage 0: only the KL term remains
+    ref = logp.copy()
+    ref[0, 2:5] = logp[0, 2:5] + 1.0  # q = ref - logp = 1 on sequence 0: k3 = e - 2
+    batch["ref_logprobs"] = ref
+    loss, _, metrics = reinforce(_outputs(), batch, kl_loss_coef=0.1, truncated="keep")
+    _close(loss, [0.1 * (E - 2.0), 0.0, 0.0, 0.0], atol=tolerances.LOGPROBS_F32)
+    _close(metrics["kl_k3"][0], [E - 2.0, 0.0, 0.0, 0.0], atol=tolerances.LOGPROBS_F32)

@@ -29,6 +29,8 @@ class ReinforceSettings:
     kl_estimator: str
     kl_reduce: str
     baseline: str
+    advantage: str
+    kl_in: str
     policy_logprobs: str
     max_prompt_len: int
     max_new_tokens: int
@@ -159,7 +161,8 @@ def _data(config, mcfg, mesh, rules) -> DataBundle:
 
 def batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """One minibatch as `rollouts.RolloutSource.produce` yields it: the sampled sequences
-    (prompt + response, right-padded to T), their advantages and reference log-probs."""
+    (prompt + response, right-padded to T), their advantages, and the reference's and the
+    rollout policy's log-probs."""
     rows = jax.ShapeDtypeStruct((batch_size, seq_len), np.int32)
     return {
         "tokens": rows,
@@ -168,6 +171,7 @@ def batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]
         "advantage": jax.ShapeDtypeStruct((batch_size,), np.float32),
         "is_end": jax.ShapeDtypeStruct((batch_size,), np.bool_),
         "ref_logprobs": jax.ShapeDtypeStruct((batch_size, seq_len), np.float32),
+        "old_logprobs": jax.ShapeDtypeStruct((batch_size, seq_len), np.float32),
     }
 
 
@@ -178,6 +182,8 @@ def build(config) -> Objective:
         implementation=config.loss.logprobs_impl,
         normalize=config.rl.normalize,
         truncated=config.rl.truncated,
+        clip_eps=config.rl.clip_eps if config.rl.policy_loss == "clipped" else 0.0,
+        kl_loss_coef=config.rl.beta if config.rl.kl_in == "loss" else 0.0,
     )
     return Objective(
         name="reinforce",
