@@ -11,6 +11,7 @@ from experiments.configs import dpo
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.experiment import run_experiment
 from nemotron_jax.metrics import read_metrics
+from nemotron_jax.train import objectives, settings
 from nemotron_jax.train.objectives.dpo import CACHE_DIR
 from tests import tolerances
 from tests.test_tools import run_tool
@@ -104,6 +105,8 @@ def test_policy_exports_to_hf(scaled_run, tmp_path):
         ({"init_from": ""}, r"config.reference_from is empty and so is config.init_from"),
     ],
 )
-def test_bad_settings_fail_at_start(tmp_path, changes, message):
-    with pytest.raises(ConfigError, match=message):
-        run_experiment(_smoke(dpo, **changes), str(tmp_path / "bad"))
+def test_bad_settings_fail_at_start(changes, message):
+    config = _smoke(dpo, **changes)
+    with pytest.raises(ConfigError, match=message):  # what the loop runs before any array
+        settings.check(config)
+        objectives.build(config)
