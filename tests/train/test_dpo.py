@@ -102,7 +102,6 @@ def test_policy_exports_to_hf(scaled_run, tmp_path):
         ({"dpo.variant": "ipo"}, r"config.dpo.variant is 'ipo'; choose from"),
         ({"dpo.label_smoothing": 0.5}, r"config.dpo.label_smoothing is 0.5; it must be < 0.5"),
         ({"dpo.reference": "none"}, r"config.dpo.reference is 'none'"),
-        ({"init_from": ""}, r"config.reference_from is empty and so is config.init_from"),
     ],
 )
 def test_bad_settings_fail_at_start(changes, message):
@@ -110,3 +109,9 @@ def test_bad_settings_fail_at_start(changes, message):
     with pytest.raises(ConfigError, match=message):  # what the loop runs before any array
         settings.check(config)
         objectives.build(config)
+
+
+def test_no_reference_fails_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="config.reference_from is empty and so is config.init"):
+        run_experiment(_smoke(dpo, init_from=""), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()

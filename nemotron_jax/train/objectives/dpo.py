@@ -217,9 +217,9 @@ class ResidentReferenceSource:
 
 
 def _data(config, mcfg, mesh, rules, workdir) -> DataBundle:
+    path = reference_path(config)  # first: a run without a reference fails before any work
     mesh = sharding.make_mesh(tuple(config.mesh)) if mesh is None else mesh
     rules = sharding.DEFAULT_RULES if rules is None else rules
-    path = reference_path(config)
     scorer = ReferenceScorer(
         path,
         mcfg,
@@ -249,7 +249,6 @@ def _data(config, mcfg, mesh, rules, workdir) -> DataBundle:
 
 def build(config) -> Objective:
     mcfg = model_config(config)
-    reference_path(config)  # fails at start without a reference
     d = config.dpo
     loss = functools.partial(
         get_loss("dpo"),
