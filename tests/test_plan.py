@@ -109,7 +109,9 @@ def test_reinforce_batch_spec_equals_the_rollout_minibatch():
         "advantage": jax.ShapeDtypeStruct((b,), adv.dtype),
         "is_end": rollout.is_end,
         "ref_logprobs": ref,
+        "old_logprobs": seqs["logprobs"],  # the sampler's (or recomputed, of ref's shape)
     }
+    assert seqs["logprobs"].shape == ref.shape and seqs["logprobs"].dtype == ref.dtype
     spec = objective.batch_spec(b, objective.seq_len)
     assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
         k: (v.shape, v.dtype) for k, v in produced.items()
