@@ -96,8 +96,10 @@ def make_model(args, out_dir: str, python: Path) -> None:
         "c = transformers.LlamaConfig(**json.loads(sys.argv[1])); "
         "transformers.LlamaForCausalLM(c).save_pretrained(sys.argv[3])"
     )
+    # -P: no script or current directory on sys.path (benchmarks/kernels.py would shadow the
+    # `kernels` package transformers probes for).
     subprocess.run(
-        [str(python), "-c", code, json.dumps(fields), str(args.seed), out_dir], check=True
+        [str(python), "-P", "-c", code, json.dumps(fields), str(args.seed), out_dir], check=True
     )
 
 
@@ -114,7 +116,7 @@ def pair_batch(args, eos: int):
 
 def run_trl(python: Path, model_dir: str, data: str, steps: int) -> dict:
     out = subprocess.run(
-        [str(python), str(REPO / "benchmarks" / "trl_dpo_peer.py"), "--model", model_dir,
+        [str(python), "-P", str(REPO / "benchmarks" / "trl_dpo_peer.py"), "--model", model_dir,
          "--data", data, "--steps", str(steps)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
