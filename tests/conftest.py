@@ -37,3 +37,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real-data slices not found at {SHARED_DATA} (only present in CI/dev)")
     return SHARED_DATA
+
+
+# Files that start processes of their own and run for minutes: scheduled first, so that
+# `--dist loadfile` overlaps them with the rest of the suite instead of leaving them to run
+# alone at its end.
+_FIRST = ("test_multiprocess.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    del session, config
+    items.sort(key=lambda item: item.path.name not in _FIRST)  # stable: order kept otherwise

@@ -14,7 +14,7 @@ from nemotron_jax.train import settings
 from tests import tolerances
 from tests.train.test_loop import _smoke
 
-BASE = dict(num_steps=3, log_every=1, checkpoint_every=1, eval_every=100)
+BASE = dict(num_steps=2, log_every=1, checkpoint_every=1, eval_every=100)
 
 
 def _train(workdir):
@@ -24,7 +24,7 @@ def _train(workdir):
 def test_grpo_runs_and_resumes_exactly(tmp_path):
     run_experiment(_smoke(grpo, **BASE), str(tmp_path / "a"))
     a = _train(tmp_path / "a")
-    assert sorted(a) == [1, 2, 3]
+    assert sorted(a) == [1, 2]
     for row in a.values():
         for key in ("loss", "reward_mean", "kl", "advantage_mean", "clip_fraction", "kl_k3"):
             assert math.isfinite(row[key]), (key, row)
