@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if not joined:
             raise
         if distributed.is_lost_peer(e):
-            distributed.report_lost_peer(e)
+            distributed.report_lost_peer(e)  # ends the process if a peer is gone, else returns
         import traceback
 
         traceback.print_exc()

@@ -42,14 +42,18 @@ HEARTBEAT_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 30
 INITIALIZATION_TIMEOUT_S = 300
 _FAILURE_KEY = "nemotron_jax/failure"
+_ACK_KEY = "nemotron_jax/failure_seen/"  # + process index: a watchdog saw the failure
+_ACK_WAIT_S = 5.0  # how long a failing process 0 keeps its coordination service up for them
 _POLL_S = 0.5
+_heartbeat_s = [HEARTBEAT_TIMEOUT_S]
 
 _watchdog_stop = threading.Event()
 
 
 def _cluster_detected() -> str | None:
-    """The name of the cluster environment JAX would initialise from, or None (a lone host).
-    Opt-in methods (mpi4py) are left to an explicit `cluster_detection_method`."""
+    """The name of the cluster environment JAX would initialise from, or None (a lone host, or
+    a cluster job of one process, e.g. one SLURM task: nothing to join, and JAX would limit it
+    to one GPU). Opt-in methods (mpi4py) are left to an explicit `cluster_detection_method`."""
     try:
         from jax._src import clusters  # private, but the list JAX itself walks
     except ImportError:
@@ -59,7 +63,7 @@ def _cluster_detected() -> str | None:
             continue
         try:
             if env.is_env_present():
-                return env.__name__
+                return env.__name__ if env.get_process_count() > 1 else None
         except Exception:  # noqa: BLE001 - a probe that cannot run means no such cluster
             continue
     return None
@@ -120,6 +124,7 @@ def initialize(
         )
     except ValueError as e:  # JAX's own message names the argument it could not fill in
         raise ConfigError(f"jax.distributed.initialize: {e}") from None
+    _heartbeat_s[0] = heartbeat_timeout_s
     _start_watchdog()
     return True
 
@@ -173,6 +178,15 @@ def fetch(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+def broadcast_flag(value: bool) -> bool:
+    """Process 0's `value` in every process (a collective; `value` itself in one process)."""
+    if process_count() <= 1:
+        return bool(value)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def local_rows(sharding, num_rows: int) -> slice:
@@ -239,7 +253,22 @@ def fail(message: str) -> None:
     try:
         client.key_value_set(_FAILURE_KEY, f"process {process_index()}: {message}")
     except Exception:  # noqa: BLE001 - another process failed first; its message stands
-        pass
+        return
+    if process_index() == 0:  # it hosts the service: keep it up until the others have read it
+        import time
+
+        others = [i for i in range(process_count()) if i != 0]
+        deadline = time.monotonic() + _ACK_WAIT_S
+        while others and time.monotonic() < deadline:
+            others = [i for i in others if not _try_get(client, f"{_ACK_KEY}{i}")]
+            time.sleep(0.05)
+
+
+def _try_get(client, key: str) -> str | None:
+    try:
+        return client.key_value_try_get(key)
+    except Exception:  # noqa: BLE001 - NOT_FOUND (or the service is gone)
+        return None
 
 
 def exit_now(status: int) -> None:
@@ -256,10 +285,9 @@ def exit_now(status: int) -> None:
 _LOST_PEER_MARKERS = (
     "connection closed by peer",
     "connection reset by peer",
-    "broken pipe",
-    "unavailable:",
-    "socket closed",
-    "remote process exited",
+    "gloo allgather failed",
+    "gloo allreduce failed",
+    "nccl error",
 )
 
 
@@ -269,10 +297,12 @@ def is_lost_peer(error: BaseException) -> bool:
     return process_count() > 1 and any(marker in text for marker in _LOST_PEER_MARKERS)
 
 
-def report_lost_peer(error: BaseException) -> None:
-    """Waits (up to the heartbeat timeout) for the coordination service to tell which processes
-    are gone, prints one line naming them and ends this process with status 1. XLA may end it
-    first, at the same moment, with its own message naming them."""
+def report_lost_peer(error: BaseException) -> bool:
+    """Waits (at most the heartbeat timeout and 10 s) for the coordination service to tell which
+    processes are gone; if some are, prints one line naming them and ends this process with
+    status 1 (XLA may end it first, at the same moment, with its own message naming them).
+    Returns False, having printed nothing more, when no process turned out to be gone: the
+    error is then this process's own."""
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
     print(
         f"{describe()}a collective failed ({type(error).__name__}: {first}): waiting for the "
@@ -281,12 +311,23 @@ def report_lost_peer(error: BaseException) -> None:
         flush=True,
     )
     everyone = list(range(process_count()))
-    try:
-        live = _client().get_live_nodes(everyone)  # returns once the dead miss their heartbeats
-    except Exception:  # noqa: BLE001 - the service itself is gone (process 0 died)
-        live = {process_index(): 0} if process_index() != 0 else {}
-    gone = [i for i in everyone if i not in live]
-    names = ", ".join(str(i) for i in gone) or "unknown"
+    answer: dict[str, Any] = {}
+
+    def ask():  # a barrier over the live processes: returns once the dead miss their heartbeats
+        try:
+            answer["live"] = _client().get_live_nodes(everyone)
+        except Exception:  # noqa: BLE001 - the service itself is gone (process 0 died)
+            answer["live"] = {i: 0 for i in everyone if i != 0}
+
+    waiter = threading.Thread(target=ask, daemon=True)
+    waiter.start()
+    waiter.join(_heartbeat_s[0] + 10.0)
+    if "live" not in answer:
+        return False
+    gone = [i for i in everyone if i not in answer["live"]]
+    if not gone:
+        return False
+    names = ", ".join(str(i) for i in gone)
     print(
         f"error: process {names} of {process_count()} stopped responding (killed or crashed); "
         f"ending process {process_index()}",
@@ -307,6 +348,10 @@ def _start_watchdog() -> None:
                 continue
             if message.startswith(me):
                 return
+            try:
+                client.key_value_set(f"{_ACK_KEY}{process_index()}", "1")
+            except Exception:  # noqa: BLE001 - the service is going away; exit regardless
+                pass
             print(
                 f"error: {message} (this is process {process_index()} of {process_count()}, "
                 f"stopping)",

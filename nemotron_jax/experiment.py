@@ -73,7 +73,8 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
         if distributed.is_primary():
             print(
                 f"config.{' and config.'.join(after)} not run: they run in one process; rerun "
-                f"this command without --num_processes (the trained stages resume as finished)"
+                f"this command as one process (without --coordinator_address/--num_processes/"
+                f"--process_id, or as one task): the trained stages resume as finished"
             )
         results["not_run"] = {"config_keys": after}
         return results

@@ -321,8 +321,8 @@ def reinforce(
             - "advantage": A (weight 1 per sequence).
             - "kl_abs_k1" (only with "ref_logprobs"): mean |log pi - log pi_ref| per response
               token with the CURRENT policy's log-probs (weighted by token count).
-            - "clip_fraction" (with clip_eps): the share of response tokens whose ratio was
-              clipped (weighted by token count).
+            - "clip_fraction" (with clip_eps): the share of response tokens whose term the clip
+              cut off (A > 0 and r > 1 + eps, or A < 0 and r < 1 - eps), weighted by token count.
             - "kl_k3" (with kl_loss_coef): mean k3 per response token.
 
     """
@@ -351,7 +351,11 @@ def reinforce(
         ratio = jnp.exp(logp - old)
         a = advantage[:, None]
         terms = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
-        clipped = (jnp.abs(ratio - 1.0) > clip_eps) & mask
+        # Where the clip takes effect (the gradient is cut): the ratio has left the range on
+        # the side the advantage pushes it to.
+        clipped = (
+            ((a > 0) & (ratio > 1.0 + clip_eps)) | ((a < 0) & (ratio < 1.0 - clip_eps))
+        ) & mask
         extra["clip_fraction"] = (
             jnp.sum(clipped, axis=-1) / jnp.maximum(n_tokens, 1.0),
             n_tokens,

@@ -439,8 +439,10 @@ def test_clipped_surrogate_at_inside_and_outside_the_range(sign):
     want0 = [-1.0, -1.1, -1.2] if sign > 0 else [1.0, 1.1, 1.5]
     want1 = [-0.5, -0.9] if sign > 0 else [0.8, 0.9]
     _close(loss[:2], [np.mean(want0), np.mean(want1)], atol=tolerances.LOGPROBS_F32)
-    # Tokens with |r - 1| > eps count as clipped: one of three, one of two.
-    _close(metrics["clip_fraction"][0][:2], [1 / 3, 1 / 2])
+    # Clipped where the clip cuts the gradient: A > 0 and r > 1 + eps (1.5), or A < 0 and
+    # r < 1 - eps (0.5).
+    want_clipped = [1 / 3, 0.0] if sign > 0 else [0.0, 1 / 2]
+    _close(metrics["clip_fraction"][0][:2], want_clipped)
 
     # The gradient reaches a token's logit row only where its term is not clipped.
     grad = np.asarray(

@@ -207,7 +207,8 @@ def test_killed_process_ends_the_other(tmp_path):
     assert "error: process 0" not in out, out[-3000:]  # the survivor does not blame itself
 
 
-def test_bad_row_read_by_one_process_ends_both(tmp_path):
+@pytest.mark.parametrize("bad", [1, 0])  # 0 hosts the coordination service
+def test_bad_row_read_by_one_process_ends_both(tmp_path, bad):
     """Hosts that each read their own copy of the data, one copy with a malformed row."""
     import gzip
 
@@ -220,9 +221,9 @@ def test_bad_row_read_by_one_process_ends_both(tmp_path):
             {"source": "synthetic", "synthetic_prompts": 200, "synthetic_seed": 0}
         )
     )
-    bad = tmp_path / "bad_copy"
-    shutil.copytree(clean, bad)
-    pref = bad / "preference" / "preference.jsonl.gz"
+    bad_copy = tmp_path / "bad_copy"
+    shutil.copytree(clean, bad_copy)
+    pref = bad_copy / "preference" / "preference.jsonl.gz"
     with gzip.open(pref, "rb") as f:
         lines = f.read().splitlines(keepends=True)
     with gzip.open(pref, "wb") as f:
@@ -230,19 +231,22 @@ def test_bad_row_read_by_one_process_ends_both(tmp_path):
 
     workdir = tmp_path / "run"
     config = f"{CONFIGS / 'rm_bt.py'}:loss=scaled,smoke,data="
-    per_process = [["--config", config + str(clean)], ["--config", config + str(bad)]]
+    copies = [clean, clean]
+    copies[bad] = bad_copy
+    per_process = [["--config", config + str(copy)] for copy in copies]
     args = ["--config.progress=False", "--config.mesh=(1,4,1)"]
     started = time.monotonic()
-    (rc0, out0), (rc1, out1) = _wait(
-        _start(2, 2, workdir, args, per_process), workdir, FAILURE_DEADLINE_S + 60
-    )
-    assert rc1 == 2, out1[-3000:]
-    errors1 = [line for line in out1.splitlines() if line.startswith("error: ")]
-    assert len(errors1) == 1, out1[-3000:]
-    assert errors1[0].startswith(f"error: process 1 of 2: {pref}, line 6: malformed JSON")
-    assert rc0 == 1, out0[-3000:]
-    errors0 = [line for line in out0.splitlines() if line.startswith("error: ")]
-    assert len(errors0) == 1 and errors0[0].startswith(f"error: process 1: {pref}, line 6"), out0
-    assert errors0[0].endswith("(this is process 0 of 2, stopping)")
-    assert "Traceback" not in out0 + out1
+    results = _wait(_start(2, 2, workdir, args, per_process), workdir, FAILURE_DEADLINE_S + 60)
+    good = 1 - bad
+    (rc_bad, out_bad), (rc_good, out_good) = results[bad], results[good]
+    assert rc_bad == 2, out_bad[-3000:]
+    errors = [line for line in out_bad.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out_bad[-3000:]
+    assert errors[0].startswith(f"error: process {bad} of 2: {pref}, line 6: malformed JSON")
+    assert rc_good == 1, out_good[-3000:]
+    errors = [line for line in out_good.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out_good[-3000:]
+    assert errors[0].startswith(f"error: process {bad}: {pref}, line 6"), out_good[-3000:]
+    assert errors[0].endswith(f"(this is process {good} of 2, stopping)")
+    assert "Traceback" not in out_bad + out_good
     assert time.monotonic() - started < FAILURE_DEADLINE_S + 60  # startup included

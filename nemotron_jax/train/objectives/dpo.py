@@ -9,9 +9,10 @@ of the strength. The reference's summed response log-probs ride in the batch as
 - `config.dpo.reference = "precomputed"` (default): one pass of the frozen reference over the
   train and validation pairs before step 0, stored in `<workdir>/reference_logprobs/<key>.npz`.
   The key hashes the reference checkpoint's files (names, sizes, modification times), every
-  token of the encoded pairs, the compute dtype and the log-prob kernel, so a resumed run reads
-  the file and a changed reference or data computes a new one. The reference is dropped from
-  device memory before training.
+  token of the encoded pairs, the compute and parameter dtypes and the log-prob kernel, so a
+  resumed run reads the file and a changed reference or data computes a new one; process 0
+  decides for every process whether to read it. The reference is dropped from device memory
+  before training.
 - `"resident"`: the reference stays on the devices and scores each training batch as it comes
   (the validation pairs are still scored once, at start).
 
@@ -139,7 +140,13 @@ def cache_key(config, reference: str, splits_) -> str:
     digest.update(json.dumps(_checkpoint_fingerprint(reference)).encode())
     digest.update(
         json.dumps(
-            [config.model.dtype, config.loss.logprobs_impl, config.data.max_len], sort_keys=True
+            [
+                config.model.dtype,
+                config.model.param_dtype,
+                config.loss.logprobs_impl,
+                config.data.max_len,
+            ],
+            sort_keys=True,
         ).encode()
     )
     for encoded in (splits_.train, splits_.validation):
@@ -163,7 +170,8 @@ def _precomputed(config, scorer: ReferenceScorer, splits_, workdir: str | None) 
     if workdir is not None:
         key = cache_key(config, scorer.path, splits_)
         path = Path(workdir) / CACHE_DIR / f"{key}.npz"
-        if path.exists():
+        # Process 0 decides for all (file systems may show the file to some hosts first).
+        if distributed.broadcast_flag(path.exists()):
             with np.load(path) as cached:
                 values = {k: cached[k] for k in ("train", "validation")}
             if all(len(values[k]) == len(getattr(splits_, k)) for k in values):
