@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -202,6 +203,18 @@ def _stderr_captured():
             text.append(tmp.read().decode(errors="replace"))
 
 
+class _AbandonedReads(logging.Filter):
+    """A failed restore leaves orbax's other read tasks unawaited; asyncio logs each one's
+    exception when it is garbage-collected ("Task exception was never retrieved"), at any later
+    moment, as a traceback. The failure is already reported in one line: drop those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+_ABANDONED_READS = _AbandonedReads()
+
+
 def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
     """(step, restored) of the newest checkpoint that restores. Newer ones that are
     incomplete, unreadable or empty (a crash mid-write, a full disk, a truncated copy) are each
@@ -220,6 +233,7 @@ def restore_intact(manager: ocp.CheckpointManager, args) -> tuple[int, Any]:
                 lines = str(e).strip().splitlines()
                 failures.append((step, f"{type(e).__name__}: {lines[0][:200] if lines else ''}"))
                 restored = None
+                logging.getLogger("asyncio").addFilter(_ABANDONED_READS)
         if restored is None:  # what the failed read printed is in the one line below
             continue
         sys.stderr.write(captured())
