@@ -132,8 +132,12 @@ def shardings_for(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES)
     specs = logical_specs(boxed_abstract)
     abstract = nn.unbox(boxed_abstract)
     mesh_specs = nn.logical_to_mesh(specs, rules)
+    # An empty pytree node (optax's MaskedNode, where a `multi_transform` keeps no state)
+    # reads as a P() leaf in the specs: keep it as it is.
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        lambda spec, x: (
+            NamedSharding(mesh, _fit(spec, x.shape, mesh)) if hasattr(x, "shape") else x
+        ),
         mesh_specs,
         abstract,
         is_leaf=lambda x: isinstance(x, P),

@@ -131,6 +131,8 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 10
     c.optim.schedule = "constant"  # constant | cosine
     c.optim.min_lr = 0.0
+    # PPO's critic has its own optimizer (and state); the same fields as c.optim.
+    c.critic_optim = ml_collections.ConfigDict(c.optim.to_dict())
 
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     # (logical axis, mesh axis or axes or None) for every logical axis the models name; why each
@@ -164,7 +166,17 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     # plain: -A log pi (NeMo REINFORCE) | clipped: the ratio surrogate against the rollout
     # policy's log-probs, clipped to [1 - clip_eps, 1 + clip_eps] (PPO, GRPO)
     c.rl.policy_loss = "plain"
-    c.rl.clip_eps = 0.2  # in (0, 1); read by policy_loss=clipped
+    c.rl.clip_eps = 0.2  # in (0, 1); read by policy_loss=clipped and by PPO
+    # PPO only (advantage=gae, experiments/configs/ppo.py; NeMo-Aligner's PPO defaults): the
+    # discount and GAE's lambda, the critic's value clip (reward units; 0: none), and whether
+    # the advantages are whitened over each rollout batch.
+    c.rl.gamma = 1.0
+    c.rl.lam = 0.95
+    c.rl.value_clip = 0.2
+    c.rl.whiten_advantages = True
+    # Passes over each rollout batch, in minibatches of batch_size (PPO's epochs; the first in
+    # generation order, each further one shuffled).
+    c.rl.epochs = 1
     # Log-probs of the samples under the policy, for the KL: the sampler's own (sampler), or a
     # second forward pass (recompute; NeMo-Aligner must, its TensorRT-LLM sampler being another
     # program). They agree to about 1e-7 in float32 but differ by ~5e-4 per token in bf16

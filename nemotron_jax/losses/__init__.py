@@ -23,7 +23,8 @@ scales every example's terms there.
 
 Losses: `regression`, `regular_bt`, `margin_bt`, `scaled_bt` (NeMo-Aligner's names; see
 `losses/reward.py`) and `sft` (`losses/lm.py`).
-`reinforce` (`losses/reinforce.py`): NeMo-Aligner REINFORCE policy gradient with an RLOO baseline.
+`reinforce` (`losses/reinforce.py`): NeMo-Aligner REINFORCE policy gradient with an RLOO baseline;
+`ppo` (same file): PPO's clipped actor loss on GAE advantages plus the clipped critic loss.
 `dpo` (`losses/dpo.py`): DPO on preference pairs, regular, margin and scaled.
 """
 
@@ -41,8 +42,10 @@ from nemotron_jax.losses.lm import sft, sft_fused, token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
     KL_REDUCTIONS,
+    gae,
     group_normalized_advantages,
     policy_advantages,
+    ppo,
     reinforce,
     reinforce_advantages,
     rloo_baseline,
@@ -69,6 +72,7 @@ LOSSES: dict[str, LossFn] = {
     "sft": sft,
     "sft_fused": sft_fused,
     "reinforce": reinforce,
+    "ppo": ppo,
     "dpo": dpo,
 }
 
@@ -151,6 +155,8 @@ __all__ = [
     "reduce_batch",
     "regression",
     "regular_bt",
+    "gae",
+    "ppo",
     "reinforce",
     "reinforce_advantages",
     "rloo_baseline",

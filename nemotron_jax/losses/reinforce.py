@@ -17,8 +17,13 @@ The pieces, in the order a rollout step uses them:
    optionally the KL as a loss term (`kl_loss_coef` * k3 per token, GRPO) instead of in the
    reward.
 
-REINFORCE, RLOO and GRPO are configurations of these pieces (`rl.advantage`, `rl.clip_eps`,
-`rl.kl_in`; experiments/configs/reinforce.py and grpo.py).
+PPO (`ppo`) has a critic instead of a group baseline: per-token rewards (`token_rewards`:
+-beta * KL_t, plus the score on the last token), GAE advantages and returns (`gae`), whitened
+over the batch (`whiten`), the clipped surrogate per token (`clipped_policy_terms`) and the
+critic's clipped value loss (`clipped_value_terms`).
+
+REINFORCE, RLOO, GRPO and PPO are configurations of these pieces (`rl.advantage`,
+`rl.clip_eps`, `rl.kl_in`; experiments/configs/reinforce.py, grpo.py and ppo.py).
 
 All functions are pure, return float32 and are jit-friendly once their string / float options
 are bound (they are static).
@@ -42,8 +47,9 @@ KL_REDUCTIONS = ("mean", "sum")
 REINFORCE_NORMALIZATIONS = ("sequence", "token")
 # What a response without EOS (cut at max_new_tokens) contributes to the loss.
 TRUNCATED_POLICIES = ("zero_loss", "keep")
-# rloo: leave-one-out baseline on the KL-shaped reward (NeMo, TRL RLOO) | group_norm: GRPO.
-ADVANTAGES = ("rloo", "group_norm")
+# rloo: leave-one-out baseline | group_norm: GRPO | gae: per-token GAE(gamma, lambda) from a
+# critic (PPO).
+ADVANTAGES = ("rloo", "group_norm", "gae")
 # Where the KL penalty goes: reward (R - beta * KL, NeMo, TRL RLOO) | loss (beta * k3 per token
 # as a loss term, GRPO).
 KL_PLACEMENTS = ("reward", "loss")
@@ -250,7 +256,8 @@ def policy_advantages(
         {"shaped", "baseline", "advantage"}, each [P, K] float32: "shaped" is R - beta * KL
         (kl_in "reward") or R (kl_in "loss"); for group_norm "baseline" is the group mean.
     """
-    _check_option("advantage", advantage, ADVANTAGES)
+    # gae is per token, from a critic's values: `token_rewards` and `gae`, not this.
+    _check_option("sequence-level advantage", advantage, ("rloo", "group_norm"))
     _check_option("KL placement", kl_in, KL_PLACEMENTS)
     shaped_beta = beta if kl_in == "reward" else 0.0
     if advantage == "rloo":
@@ -262,6 +269,125 @@ def policy_advantages(
         "baseline": baseline,
         "advantage": group_normalized_advantages(shaped),
     }
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T] -> [B]: the mean of x over each row's mask (0 for an empty row)."""
+    total = jnp.sum(jnp.where(mask, _f32(x), 0.0), axis=-1)
+    return total / jnp.maximum(jnp.sum(mask, axis=-1).astype(jnp.float32), 1.0)
+
+
+def clipped_policy_terms(
+    logp: jax.Array, old_logp: jax.Array, advantage: jax.Array, clip_eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """PPO's clipped surrogate per token, max(-A r, -A clip(r, 1 - eps, 1 + eps)) with
+    r = exp(logp - old_logp).
+
+    Args:
+        logp: [B, T] log pi of the sampled tokens (differentiated).
+        old_logp: [B, T] the rollout policy's log-probs (constants).
+        advantage: [B, T] per token (PPO's GAE) or [B, 1] per sequence (GRPO), constants.
+        clip_eps: eps in (0, 1).
+
+    Returns:
+        (terms [B, T] float32, clipped [B, T] bool: where the clip cuts the gradient, i.e. the
+        ratio has left the range on the side the advantage pushes it to).
+    """
+    ratio = jnp.exp(_f32(logp) - _f32(old_logp))
+    a = _f32(advantage)
+    terms = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
+    clipped = ((a > 0) & (ratio > 1.0 + clip_eps)) | ((a < 0) & (ratio < 1.0 - clip_eps))
+    return terms, clipped
+
+
+def clipped_value_terms(
+    values: jax.Array, old_values: jax.Array, returns: jax.Array, clip: float
+) -> tuple[jax.Array, jax.Array]:
+    """The critic's clipped squared error per token (NeMo-Aligner's critic, PPO2):
+    0.5 * max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2).
+
+    Args:
+        values: [B, T] the critic's current values (differentiated).
+        old_values, returns: [B, T] the rollout's values and GAE returns (constants).
+        clip: c > 0 (a value range, in reward units); 0 turns the clip off.
+
+    Returns:
+        (terms [B, T] float32, clipped [B, T] bool: where the clipped error is the larger).
+    """
+    values, old_values, returns = _f32(values), _f32(old_values), _f32(returns)
+    plain = jnp.square(values - returns)
+    if not clip:
+        return 0.5 * plain, jnp.zeros(plain.shape, bool)
+    kept = old_values + jnp.clip(values - old_values, -clip, clip)
+    cut = jnp.square(kept - returns)
+    return 0.5 * jnp.maximum(plain, cut), cut > plain
+
+
+def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, *, beta: float) -> jax.Array:
+    """PPO's per-token reward (NeMo-Aligner `calculate_ppo_rewards`): -beta * KL_t on every
+    response token, plus the reward-model score on the last one.
+
+    Args:
+        scores: [B] reward-model scores of the whole responses.
+        kl: [B, T] per-token KL estimates (`token_kl`).
+        mask: [B, T] nonzero on response tokens; each row's response is one contiguous run.
+
+    Returns:
+        [B, T] float32, 0 off the response.
+    """
+    mask = jnp.asarray(mask).astype(bool)
+    t = mask.shape[-1]
+    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # [B] the last response position
+    at_last = (jnp.arange(t)[None, :] == last[:, None]) & jnp.any(mask, axis=-1, keepdims=True)
+    return jnp.where(mask, -beta * _f32(kl), 0.0) + jnp.where(at_last, _f32(scores)[:, None], 0.0)
+
+
+def gae(
+    rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over each row's response tokens (NeMo-Aligner
+    `calculate_advantages_and_returns`, with the episode ending at the last response token):
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+
+    where V_{t+1} and A_{t+1} are 0 past the response's last token.
+
+    Args:
+        rewards: [B, T] per-token rewards (`token_rewards`).
+        values: [B, T] the critic's value of the state before token t is generated.
+        mask: [B, T] nonzero on response tokens (one contiguous run per row, ragged lengths).
+        gamma, lam: the discount and GAE's lambda, in [0, 1].
+
+    Returns:
+        (advantages, returns = advantages + values), each [B, T] float32, 0 off the response.
+    """
+    mask = jnp.asarray(mask).astype(jnp.float32)
+    rewards, values = _f32(rewards) * mask, _f32(values) * mask
+
+    # Scan from the end; a masked position passes nothing on (mask 0 zeroes the carry).
+    def body(carry, x):
+        next_value, next_adv = carry
+        r, v, m = x
+        delta = r + gamma * next_value - v
+        adv = (delta + gamma * lam * next_adv) * m
+        return (v * m, adv), adv
+
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    xs = (rewards.T[::-1], values.T[::-1], mask.T[::-1])  # [T, B], last position first
+    _, adv = jax.lax.scan(body, (zeros, zeros), xs)
+    adv = adv[::-1].T
+    return adv, (adv + values) * mask
+
+
+def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the masked entries of the whole batch (NeMo PPO's
+    `normalize_advantages`); 0 off the mask."""
+    mask = jnp.asarray(mask).astype(bool)
+    x = _f32(x)
+    n = jnp.maximum(jnp.sum(mask).astype(jnp.float32), 1.0)
+    mean = jnp.sum(jnp.where(mask, x, 0.0)) / n
+    var = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0.0)) / n
+    return jnp.where(mask, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
 
 
 def reinforce(
@@ -348,18 +474,8 @@ def reinforce(
     extra: Metrics = {}
     if clip_eps:
         old = jax.lax.stop_gradient(_f32(batch["old_logprobs"])[:, 1:])
-        ratio = jnp.exp(logp - old)
-        a = advantage[:, None]
-        terms = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps))
-        # Where the clip takes effect (the gradient is cut): the ratio has left the range on
-        # the side the advantage pushes it to.
-        clipped = (
-            ((a > 0) & (ratio > 1.0 + clip_eps)) | ((a < 0) & (ratio < 1.0 - clip_eps))
-        ) & mask
-        extra["clip_fraction"] = (
-            jnp.sum(clipped, axis=-1) / jnp.maximum(n_tokens, 1.0),
-            n_tokens,
-        )
+        terms, clipped = clipped_policy_terms(logp, old, advantage[:, None], clip_eps)
+        extra["clip_fraction"] = (_masked_mean(clipped, mask), n_tokens)
     else:
         terms = -advantage[:, None] * logp
     if kl_loss_coef:
@@ -393,6 +509,80 @@ def reinforce(
     return loss, weight, {**metrics, **extra}
 
 
+def ppo(
+    outputs: tuple[tuple[jax.Array, jax.Array], jax.Array],
+    batch: Mapping[str, Any],
+    *,
+    implementation: str = "chunked",
+    normalize: str = "token",
+    clip_eps: float = 0.2,
+    value_clip: float = 0.2,
+) -> tuple[jax.Array, jax.Array, Metrics]:
+    """PPO's actor and critic losses on one minibatch of a rollout, summed per token: the
+    clipped surrogate with per-token (GAE) advantages, plus the clipped value loss. The actor
+    and the critic are separate parameter trees, so each gets the gradient of its own term
+    only (as NeMo-Aligner's separate actor and critic jobs do).
+
+    Args:
+        outputs: ((hidden [B, T, D], lm_head [D, V]), values [B, T]), as
+            `ActorCritic.__call__` returns them; values[:, t] is the critic's value of the
+            state that generates token t (aligned with tokens; [:, 0] is unused).
+        batch:
+            - "tokens", "response_mask": as for `reinforce`.
+            - "token_advantage" [B, T]: GAE advantages (whitened by the rollout), constants.
+            - "returns", "old_values", "old_logprobs" [B, T]: GAE returns, the rollout
+              critic's values and the rollout policy's log-probs, aligned with tokens.
+            - "ref_logprobs" [B, T], optional: for the `kl_abs_k1` metric.
+        normalize: "token" (NeMo PPO: a masked mean over every response token of the batch)
+            or "sequence" (each response weighs 1).
+        clip_eps: the ratio's clip range in (0, 1).
+        value_clip: the value clip range (reward units); 0: no clip.
+
+    Returns:
+        loss [B], weight [B] and metrics: "policy_loss", "value_loss", "clip_fraction",
+        "value_clip_fraction", "value_mean", "response_logp" (each per response token),
+        "kl_abs_k1" with "ref_logprobs".
+    """
+    _check_option("PPO normalization", normalize, REINFORCE_NORMALIZATIONS)
+    (hidden, lm_head), values = outputs
+    tokens = jnp.asarray(batch["tokens"])
+    response_mask = jnp.asarray(batch["response_mask"])
+    if hidden.shape[:2] != tokens.shape or values.shape != tokens.shape:
+        raise ValueError(
+            f"ppo needs hidden [B, T, D] and values [B, T] of tokens {tokens.shape}; got "
+            f"{hidden.shape}, {values.shape}"
+        )
+    mask = response_mask[:, 1:].astype(bool)  # [B, T-1]
+    logp = token_logprobs(hidden[:, :-1], lm_head, tokens[:, 1:].astype(jnp.int32), implementation)
+    const = lambda key: jax.lax.stop_gradient(_f32(batch[key])[:, 1:])  # noqa: E731
+    policy_terms, clipped = clipped_policy_terms(
+        logp, const("old_logprobs"), const("token_advantage"), clip_eps
+    )
+    value_terms, value_clipped = clipped_value_terms(
+        values[:, 1:], const("old_values"), const("returns"), value_clip
+    )
+    n_tokens = jnp.sum(mask, axis=-1).astype(jnp.float32)
+    terms_sum = jnp.sum(jnp.where(mask, policy_terms + value_terms, 0.0), axis=-1)
+    if normalize == "sequence":
+        loss = terms_sum / jnp.maximum(n_tokens, 1.0)
+        weight = (n_tokens > 0).astype(jnp.float32)
+    else:
+        loss, weight = terms_sum, n_tokens
+    per_token = lambda x: (jax.lax.stop_gradient(_masked_mean(x, mask)), n_tokens)  # noqa: E731
+    metrics: Metrics = {
+        "policy_loss": per_token(policy_terms),
+        "value_loss": per_token(value_terms),
+        "clip_fraction": per_token(clipped),
+        "value_clip_fraction": per_token(value_clipped),
+        "value_mean": per_token(values[:, 1:]),
+        "response_logp": per_token(logp),
+    }
+    if batch.get("ref_logprobs") is not None:
+        kl = sequence_kl(jax.lax.stop_gradient(logp), const("ref_logprobs"), mask)
+        metrics["kl_abs_k1"] = (kl, n_tokens)
+    return loss, weight, metrics
+
+
 __all__ = [
     "ADVANTAGES",
     "KL_ESTIMATORS",
@@ -408,4 +598,10 @@ __all__ = [
     "rloo_baseline",
     "sequence_kl",
     "token_kl",
+    "clipped_policy_terms",
+    "clipped_value_terms",
+    "gae",
+    "ppo",
+    "token_rewards",
+    "whiten",
 ]

@@ -134,6 +134,46 @@ class RewardModel(Llama):
         last = constrain(last, ("act_batch", "act_embed"))
         return self.reward_head(last)
 
+    def token_values(self, tokens, *, attention_mask):
+        """Head outputs at every position: float32 [B, T, A] from tokens [B, T] (a PPO critic
+        reads its value of each state here; the head is the same `W h + b`)."""
+        hidden = self.hidden_states(
+            tokens, positions=positions_from_mask(attention_mask), attention_mask=attention_mask
+        )
+        return self.reward_head(hidden).astype(jnp.float32)
+
+
+class ActorCritic(nn.Module):
+    """PPO's two models as one parameter tree {"policy": Llama params, "critic": RewardModel
+    params}: separate backbones (the critic starts from the reward model, as in NeMo-Aligner),
+    so each loss term's gradient reaches only its own tree.
+
+    Attributes:
+        policy_config, critic_config: the two architectures (the critic's may differ).
+        critic_attributes: A of the critic's head (the reward model's); `value_slot` is read.
+    """
+
+    policy_config: LlamaConfig
+    critic_config: LlamaConfig
+    critic_attributes: int
+    value_slot: int
+
+    def setup(self):
+        self.policy = Llama(self.policy_config)
+        self.critic = RewardModel(self.critic_config, self.critic_attributes)
+
+    def values(self, tokens, *, attention_mask):
+        """float32 [B, T]: values[:, t] is the critic's value of the state that generates token
+        t (its head at position t - 1), aligned with tokens like the per-token log-probs;
+        [:, 0] is 0."""
+        out = self.critic.token_values(tokens, attention_mask=attention_mask)[..., self.value_slot]
+        return jnp.pad(out[:, :-1], ((0, 0), (1, 0)))
+
+    def __call__(self, tokens, *, attention_mask):
+        """((hidden [B, T, D], lm_head [D, V]) of the policy, values [B, T] of the critic)."""
+        hidden_and_head = self.policy.hidden_and_head(tokens, attention_mask=attention_mask)
+        return hidden_and_head, self.values(tokens, attention_mask=attention_mask)
+
 
 def scalar_reward(
     outputs: jax.Array, *, slot: int = HELPFULNESS_SLOT, weights: Sequence[float] | None = None

@@ -116,7 +116,10 @@ def grad_accum(config, mesh) -> int:
 def build_training(config, objective, mesh, rules, total_updates: int) -> Training:
     """The optimizer, the abstract sharded state and the jitted train step of `objective` on
     `mesh`; nothing is allocated. `total_updates` sets the learning-rate schedule's length."""
-    tx = make_optimizer(config.optim, total_updates)
+    if objective.make_optimizer is not None:
+        tx = objective.make_optimizer(total_updates)
+    else:
+        tx = make_optimizer(config.optim, total_updates)
     rng = jax.random.PRNGKey(config.seed)
 
     def init_state():
@@ -483,25 +486,27 @@ def run(config, workdir: str) -> dict[str, float]:
         manager.wait_until_finished()
         writer.close()
 
-        # The trained parameters as a params checkpoint: what `init_from` and the export tools read.
-        export = os.path.join(workdir, "params")
-        stale = export + ".stale"
-        if os.path.exists(export) and primary:  # from a shorter run of this workdir; replace it
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(export, stale)
-        distributed.sync("old_params_moved")
-        artifact.save(
-            export,
-            state["params"],
-            config=objective.model_config,
-            kind=objective.kind,
-            num_attributes=objective.num_attributes,
-            tokenizer=data.tokenizer,
-            template=config.data.template,
-            max_len=config.data.max_len,
-            extra={"objective": objective.name},
-        )
-        if primary:
-            shutil.rmtree(stale, ignore_errors=True)
+        # The trained parameters as params checkpoints: <workdir>/params is what `init_from`
+        # and the export tools read (PPO also writes its critic).
+        for name, (params, arch, kind, heads) in objective.exports(state["params"]).items():
+            export = os.path.join(workdir, name)
+            stale = export + ".stale"
+            if os.path.exists(export) and primary:  # from a shorter run of this workdir
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(export, stale)
+            distributed.sync(f"old_{name}_moved")
+            artifact.save(
+                export,
+                params,
+                config=arch,
+                kind=kind,
+                num_attributes=heads,
+                tokenizer=data.tokenizer,
+                template=config.data.template,
+                max_len=config.data.max_len,
+                extra={"objective": objective.name},
+            )
+            if primary:
+                shutil.rmtree(stale, ignore_errors=True)
     manager.close()
     return last_eval

@@ -53,6 +53,8 @@ class Objective:
             plus the new tokens.
         num_attributes: the reward head's slots A; None for a causal LM.
         method: the module method `apply` calls (None: `__call__`).
+        make_optimizer: `(total_updates) -> optax transform`; None: `optim.make_optimizer`
+            from config.optim (PPO: one optimizer per model).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Objective:
     seq_len: int
     num_attributes: int | None = None
     method: str | None = None
+    make_optimizer: Callable[[int], Any] | None = None
 
     @property
     def kind(self) -> str:
@@ -91,14 +94,28 @@ class Objective:
         """Replaces `params` leaves by those of the trained model at `path`: the backbone, and
         the head of our kind. An LM's head always comes along; a reward head only with
         `init_head` and when the checkpoint has one (an LM checkpoint has none)."""
-        model = artifact.load(path, restore=False)
-        model.check_architecture(self.model_config, "init_from")
-        head = artifact.HEAD_KEY[self.kind]
-        wanted = set(artifact.BACKBONE_KEYS)
-        if self.kind == "causal_lm" or (init_head and (head, "kernel") in model.saved_leaves()):
-            wanted.add(head)
-        target = {k: v for k, v in params.items() if k in wanted}
-        return {**params, **model.restore(target, {k: shardings[k] for k in target})}
+        return restore_into(
+            path, params, shardings, self.model_config, self.kind, init_head, "init_from"
+        )
+
+    def exports(self, params) -> dict[str, tuple[Any, LlamaConfig, str, int | None]]:
+        """What the run writes as trained models: {workdir subdirectory: (params, architecture,
+        kind, num_attributes)}. "params" is what `init_from` and the export tools read."""
+        return {"params": (params, self.model_config, self.kind, self.num_attributes)}
+
+
+def restore_into(path: str, params, shardings, arch: LlamaConfig, kind: str, init_head, what):
+    """`params` (placed, of architecture `arch`) with the leaves of the trained model at `path`
+    put in: the backbone, and the head of `kind` (an LM's always; a reward head with
+    `init_head` when the checkpoint has one). `what` names the config key in errors."""
+    model = artifact.load(path, restore=False)
+    model.check_architecture(arch, what)
+    head = artifact.HEAD_KEY[kind]
+    wanted = set(artifact.BACKBONE_KEYS)
+    if kind == "causal_lm" or (init_head and (head, "kernel") in model.saved_leaves()):
+        wanted.add(head)
+    target = {k: v for k, v in params.items() if k in wanted}
+    return {**params, **model.restore(target, {k: shardings[k] for k in target})}
 
 
 def model_config(config) -> LlamaConfig:

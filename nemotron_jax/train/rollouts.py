@@ -40,11 +40,15 @@ from nemotron_jax.losses.lm import token_logprobs
 from nemotron_jax.losses.reinforce import (
     KL_ESTIMATORS,
     KL_REDUCTIONS,
+    gae,
     policy_advantages,
     sequence_kl,
+    token_kl,
+    token_rewards,
+    whiten,
 )
 from nemotron_jax.models.llama import Llama, LlamaConfig, abstract_params
-from nemotron_jax.models.reward import RewardModel, scalar_reward
+from nemotron_jax.models.reward import ActorCritic, RewardModel, scalar_reward
 from nemotron_jax.sampling import (
     SAMPLER_WEIGHTS,
     SamplingConfig,
@@ -67,10 +71,11 @@ def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
         raise ConfigError(
             f"config.rl.num_rollouts_per_prompt ({k}) and prompts_per_step ({p}) must be positive"
         )
-    if k < 2:
+    if k < 2 and rl.advantage != "gae":
+        what = "GRPO's group normalisation" if rl.advantage == "group_norm" else "RLOO"
         raise ConfigError(
-            f"config.rl.num_rollouts_per_prompt is {k}: the leave-one-out baseline needs at "
-            f"least 2 samples per prompt"
+            f"config.rl.num_rollouts_per_prompt is {k}: {what} needs at least 2 samples per "
+            f"prompt (config.rl.advantage={rl.advantage!r})"
         )
     if rl.beta < 0:
         raise ConfigError(f"config.rl.beta must be >= 0 (a KL penalty), got {rl.beta}")
@@ -86,6 +91,8 @@ def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
         )
     if rl.baseline not in ("rloo_eos", "rloo_all"):
         raise ConfigError(f"config.rl.baseline {rl.baseline!r}; choose rloo_eos or rloo_all")
+    if rl.epochs < 1:
+        raise ConfigError(f"config.rl.epochs must be >= 1, got {rl.epochs}")
     rollout = p * k
     if rollout % rl.minibatch_size:
         raise ConfigError(
@@ -180,11 +187,16 @@ class RolloutSource:
     `set_state` checkpoint the prompt iterator.
     """
 
-    def __init__(self, rl, model_config, mesh, rules, policy, tokenizer, prompts, eval_prompts):
+    def __init__(
+        self, rl, model_config, mesh, rules, policy, tokenizer, prompts, eval_prompts, critic=None
+    ):
         self.rl, self.model_config, self.mesh, self.rules = rl, model_config, mesh, rules
         self.tokenizer = tokenizer
         self.k, self.p = rl.num_rollouts_per_prompt, rl.prompts_per_step
-        self.updates_per_step = self.p * self.k // rl.minibatch_size
+        # PPO: (architecture, head size) of the critic, whose values GAE reads; the loop's
+        # params are then {"policy", "critic"}.
+        self.critic = critic
+        self.updates_per_step = rl.epochs * self.p * self.k // rl.minibatch_size
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self._order = np.random.default_rng(rl.seed).permutation(len(prompts.tokens))
         self._cursor = 0
@@ -272,17 +284,49 @@ class RolloutSource:
             )
             return kl, {name: v.reshape(-1) for name, v in out.items()}
 
-        self._advantages = jax.jit(advantages)
+        def gae_advantages(logp, ref_logp, response_mask, rewards, values):
+            kl_t = token_kl(logp, ref_logp, rl.kl_estimator)
+            per_token = token_rewards(rewards, kl_t, response_mask, beta=rl.beta)
+            adv, returns = gae(per_token, values, response_mask, gamma=rl.gamma, lam=rl.lam)
+            if rl.whiten_advantages:
+                adv = whiten(adv, response_mask)
+            kl = sequence_kl(
+                logp, ref_logp, response_mask, estimator=rl.kl_estimator, reduce=rl.kl_reduce
+            )
+            shaped = jnp.sum(per_token, axis=-1)  # the score less beta * the summed KL
+            return kl, {"shaped": shaped, "token_advantage": adv, "returns": returns}
+
+        self._advantages = jax.jit(gae_advantages if self.critic else advantages)
+        if self.critic:
+            critic_config, heads = self.critic
+            actor_critic = ActorCritic(self.model_config, critic_config, heads, rl.rm_slot)
+            self._values = jax.jit(
+                lambda params, tokens, mask: actor_critic.apply(
+                    {"params": {"critic": params}}, tokens, attention_mask=mask, method="values"
+                )
+            )
         size, count = rl.minibatch_size, self.updates_per_step
-        # The rollout's minibatches in generation order, each split over the data-parallel
-        # devices as the train step expects (one program: also across processes).
+        # The rollout's minibatches, each split over the data-parallel devices as the train
+        # step expects (one program: also across processes). `order` [epochs * P * K]: the
+        # rows of each update in turn (`_update_order`).
         self._split = jax.jit(
-            lambda batch: [
-                jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
+            lambda batch, order: [
+                jax.tree.map(lambda x, i=i: x[order[i * size : (i + 1) * size]], batch)
                 for i in range(count)
             ],
             out_shardings=self.batch_sharding,
         )
+
+    def _update_order(self, step: int) -> np.ndarray:
+        """The rollout's rows for each update: the first epoch in generation order (the
+        baseline was computed on whole groups first), each further one (PPO's epochs) a fresh
+        permutation fixed by (seed, step, epoch), so a resumed run repeats it."""
+        n = self.p * self.k
+        orders = [np.arange(n)] + [
+            np.random.default_rng((self.rl.seed, step, epoch)).permutation(n)
+            for epoch in range(1, self.rl.epochs)
+        ]
+        return np.concatenate(orders).astype(np.int32)
 
     # --- the three frozen-model calls -------------------------------------------------------
 
@@ -336,7 +380,11 @@ class RolloutSource:
         """Host rows every process holds whole -> a global array split over the batch axis."""
         return distributed.put_global(np.asarray(x), self.batch_sharding)
 
+    def _policy_params(self, params):
+        return params["policy"] if self.critic else params
+
     def produce(self, params, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        all_params, params = params, self._policy_params(params)
         tokens, mask = self._next_prompts()
         tokens = self._put(np.repeat(tokens, self.k, axis=0))  # [P*K, Tp], prompt-major
         mask = self._put(np.repeat(mask, self.k, axis=0))
@@ -356,23 +404,39 @@ class RolloutSource:
             self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])
         )
         t4 = time.perf_counter()
-        kl, adv = self._advantages(logp, ref_logp, seqs["response_mask"], rewards, rollout.is_end)
         timings = {
             "time_generate": t1 - t0,
             "time_score": t2 - t1,
             "time_policy_logprobs": t3 - t2,
             "time_reference_logprobs": t4 - t3,
         }
-
         batch = {
             "tokens": seqs["tokens"],
             "attention_mask": seqs["attention_mask"],
             "response_mask": seqs["response_mask"],
-            "advantage": adv["advantage"],
             "is_end": rollout.is_end,
             "ref_logprobs": ref_logp,
             "old_logprobs": logp,  # the rollout policy's, for a clipped ratio
         }
+        if self.critic:
+            values = jax.block_until_ready(
+                self._values(all_params["critic"], seqs["tokens"], seqs["attention_mask"])
+            )
+            timings["time_values"] = time.perf_counter() - t4
+            kl, adv = self._advantages(logp, ref_logp, seqs["response_mask"], rewards, values)
+            batch |= {"old_values": values, **{k: adv[k] for k in ("token_advantage", "returns")}}
+            # Per-token statistics over the response tokens, as per-sequence means.
+            response = (seqs["response_mask"], seqs["response_mask"].sum(-1).clip(1))
+            adv = {
+                "shaped": adv["shaped"],
+                "advantage": adv["token_advantage"].sum(-1) / response[1],
+                "value": (values * response[0]).sum(-1) / response[1],
+            }
+        else:
+            kl, adv = self._advantages(
+                logp, ref_logp, seqs["response_mask"], rewards, rollout.is_end
+            )
+            batch["advantage"] = adv["advantage"]
         host = distributed.fetch(  # the rollout's global arrays, gathered to every process
             {
                 "rewards": rewards,
@@ -394,7 +458,10 @@ class RolloutSource:
             "eos_rate": float(np.mean(host["is_end"])),
             **timings,
         }
-        return self._split(batch), metrics
+        if self.critic:
+            metrics["rollout_value_mean"] = float(np.mean(host["value"]))
+        order = distributed.put_global(self._update_order(step), NamedSharding(self.mesh, P()))
+        return self._split(batch, order), metrics
 
     def _sample_eval(self, params):
         """Samples for every held-out prompt, with the evaluation key (the same at each call)."""
@@ -429,7 +496,7 @@ class RolloutSource:
         policy's samples as judged by the reward model (ties count half), KL, length, EOS rate."""
         if self._reference_eval is None:  # the reference never changes: sample it once
             self._reference_eval = self._sample_eval(self.ref_params)
-        ref, pol = self._reference_eval, self._sample_eval(params)
+        ref, pol = self._reference_eval, self._sample_eval(self._policy_params(params))
         wins = np.mean(pol["rewards"] > ref["rewards"]) + 0.5 * np.mean(
             pol["rewards"] == ref["rewards"]
         )
@@ -453,10 +520,10 @@ def _prompt_set(encoded) -> PromptSet:
     return PromptSet(tokens, mask)
 
 
-def build(rl, model_config: LlamaConfig, mesh, rules, policy, data):
+def build(rl, model_config: LlamaConfig, mesh, rules, policy, data, critic=None):
     """The REINFORCE batch source and its data report, from `ReinforceSettings`, the initial
     policy's artifact and the encoded prompt splits (`nemotron_jax.data.splits`, kind
-    "prompts")."""
+    "prompts"); `critic` as for `RolloutSource` (PPO)."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     check_settings(rl, model_config, dp)
     prompts = _prompt_set(data.train)
@@ -472,7 +539,7 @@ def build(rl, model_config: LlamaConfig, mesh, rules, policy, data):
     n_eval -= n_eval % rl.eval_batch_size
     eval_prompts = PromptSet(eval_prompts.tokens[:n_eval], eval_prompts.mask[:n_eval])
     source = RolloutSource(
-        rl, model_config, mesh, rules, policy, data.tokenizer, prompts, eval_prompts
+        rl, model_config, mesh, rules, policy, data.tokenizer, prompts, eval_prompts, critic
     )
     report = {
         **data.report,

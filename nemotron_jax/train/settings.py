@@ -54,6 +54,7 @@ def _choices() -> dict[str, tuple]:
         "data.attributes": ("helpfulness", "all"),
         "data.on_bad_row": ("raise", "skip"),
         "optim.schedule": SCHEDULES,
+        "critic_optim.schedule": SCHEDULES,
         "nan_policy": NAN_POLICIES,
         "rl.kl_estimator": KL_ESTIMATORS,
         "rl.kl_reduce": ("mean", "sum"),
@@ -98,8 +99,16 @@ _RANGES = {
     "optim.clip_norm": (0, True),
     "optim.warmup_steps": (0, True),
     "optim.min_lr": (0, True),
+    "critic_optim.lr": (0, False),
+    "critic_optim.eps": (0, False),
+    "critic_optim.b1": (0, True),
+    "critic_optim.b2": (0, True),
+    "critic_optim.weight_decay": (0, True),
+    "critic_optim.clip_norm": (0, True),
+    "critic_optim.warmup_steps": (0, True),
+    "critic_optim.min_lr": (0, True),
     "rm_slot": (0, True),
-    "rl.num_rollouts_per_prompt": (2, True),
+    "rl.num_rollouts_per_prompt": (1, True),  # >= 2 unless advantage=gae (rollouts.check)
     "rl.prompts_per_step": (1, True),
     "rl.beta": (0, True),
     "rl.max_prompt_len": (1, True),
@@ -110,6 +119,10 @@ _RANGES = {
     "rl.eval_prompts": (1, True),
     "rl.eval_temperature": (0, True),
     "rl.clip_eps": (0, False),
+    "rl.gamma": (0, True),
+    "rl.lam": (0, True),
+    "rl.value_clip": (0, True),
+    "rl.epochs": (1, True),
     "dpo.beta": (0, False),
     "dpo.label_smoothing": (0, True),
     "dpo.sft_weight": (0, True),
@@ -121,6 +134,10 @@ _BELOW = {
     "optim.b2": (1, False),
     "rl.top_p": (1, True),
     "rl.clip_eps": (1, False),
+    "critic_optim.b1": (1, False),
+    "critic_optim.b2": (1, False),
+    "rl.gamma": (1, True),
+    "rl.lam": (1, True),
     "dpo.label_smoothing": (0.5, False),
 }
 # Checkpoints read at start; "" means none, "@stage" an earlier stage's params, "random" a random
@@ -160,6 +177,7 @@ def check(config) -> None:
         if high and (value > high[0] or (value == high[0] and not high[1])):
             bound = f"<= {high[0]}" if high[1] else f"< {high[0]}"
             raise ConfigError(f"config.{key} is {value!r}; it must be {bound}")
+    _check_online(config)
     shape = tuple(get(config, "mesh"))
     if len(shape) != 3 or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
         raise ConfigError(
@@ -182,4 +200,27 @@ def check(config) -> None:
         raise ConfigError(
             f"config.data.tokenizer {data.tokenizer}: no such SentencePiece model file "
             f"('' = the data's own, 'llama3' = Meta's)"
+        )
+
+
+def _check_online(config) -> None:
+    """The policy-gradient settings that depend on each other."""
+    rl, ppo = config.rl, config.objective == "ppo"
+    if ppo != (rl.advantage == "gae"):
+        raise ConfigError(
+            f"config.rl.advantage is {rl.advantage!r} with config.objective {config.objective!r}: "
+            f"GAE needs PPO's critic (objective ppo, advantage gae; experiments/configs/ppo.py)"
+        )
+    if ppo and not config.rm_from:
+        raise ConfigError(
+            "config.rm_from is empty: PPO needs a reward model, which scores the samples and "
+            "is the critic's starting point"
+        )
+    if config.objective == "reinforce" and rl.num_rollouts_per_prompt < 2:
+        what = (
+            "group normalisation" if rl.advantage == "group_norm" else "the leave-one-out baseline"
+        )
+        raise ConfigError(
+            f"config.rl.num_rollouts_per_prompt is {rl.num_rollouts_per_prompt}; it must be >= 2 "
+            f"({what} compares each sample with its prompt's others)"
         )

@@ -14,6 +14,7 @@ from nemotron_jax.metrics import read_metrics
 from nemotron_jax.train import objectives, settings
 from nemotron_jax.train.objectives.dpo import CACHE_DIR
 from tests import tolerances
+from tests.conftest import REPO
 from tests.test_tools import run_tool
 from tests.train.test_loop import _smoke
 
@@ -73,6 +74,21 @@ def test_resume_is_exact_and_reuses_the_reference_pass(scaled_run, tmp_path, cap
     assert "reference log-probs: reusing" in capsys.readouterr().out
     assert len(list((resumed / CACHE_DIR).glob("*.npz"))) == 1
     _same(_train(workdir), _train(resumed))
+
+
+@pytest.mark.slow
+def test_kill_then_resume_is_exact(tmp_path):
+    from tests.train.test_preemption import kill_then_resume
+
+    config = str(REPO / "experiments" / "configs" / "dpo.py") + ":smoke,variant=scaled"
+    resumed, straight, killed_at = kill_then_resume(
+        tmp_path,
+        config,
+        lambda n: _smoke(dpo, "variant=scaled", num_steps=n, log_every=1, checkpoint_every=2,
+                         eval_every=100000),
+    )  # fmt: skip
+    assert killed_at >= 2 and sorted(resumed) == list(range(1, killed_at + 3))
+    _same(resumed, straight)
 
 
 def test_resident_reference_gives_the_same_losses(scaled_run, tmp_path):

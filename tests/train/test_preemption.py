@@ -66,3 +66,39 @@ def test_sigterm_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(tm
     got, want = _losses(stopped), _losses(straight)
     for s in range(step + 1, target + 1):
         assert got[s] == want[s], (s, got[s], want[s])
+
+
+def kill_then_resume(tmp_path, config_arg: str, resumed_config) -> tuple[dict, dict, int]:
+    """SIGKILLs a run of `config_arg` (a `<config>.py:<args>` of run.py) once its second
+    checkpoint is written, then resumes it in this process with `resumed_config(num_steps)` and
+    also runs that config from scratch. Returns (resumed, straight) train rows by step and the
+    step the kill left."""
+    from nemotron_jax.experiment import run_experiment
+    from nemotron_jax.metrics import read_metrics
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable, str(RUN), "--workdir", str(killed), "--config", config_arg,
+        "--config.num_steps=100000", "--config.log_every=1", "--config.checkpoint_every=2",
+        "--config.eval_every=100000", "--config.progress=False",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints, deadline = killed / "checkpoints", time.time() + 300
+    saved: list[int] = []
+    while time.time() < deadline and proc.poll() is None and len(saved) < 2:
+        if checkpoints.exists():
+            saved = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.kill()  # SIGKILL: no handler runs, an async save may be half written
+    proc.communicate(timeout=60)
+    step = max(saved)
+    target = step + 2
+
+    def rows(workdir):
+        return {r["step"]: r for r in read_metrics(str(workdir), "train")}
+
+    run_experiment(resumed_config(target), str(killed))
+    run_experiment(resumed_config(target), str(tmp_path / "straight"))
+    return rows(killed), rows(tmp_path / "straight"), step

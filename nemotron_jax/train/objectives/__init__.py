@@ -4,6 +4,7 @@
     sft                                            sft.py: Llama LM on well-rated responses
     reinforce                                      reinforce.py: Llama LM on its own samples
     dpo                                            dpo.py: Llama LM on preference pairs
+    ppo                                            ppo.py: Llama LM and critic, on samples
 
 A new objective is one module whose `build(config) -> Objective` (see
 `nemotron_jax/train/objective.py`) is registered here, plus one experiment config.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.train.objective import Objective
-from nemotron_jax.train.objectives import dpo, reinforce, reward, sft
+from nemotron_jax.train.objectives import dpo, ppo, reinforce, reward, sft
 
 OBJECTIVES = {
     "regression": reward.build,
@@ -23,6 +24,7 @@ OBJECTIVES = {
     "sft": sft.build,
     "reinforce": reinforce.build,
     "dpo": dpo.build,
+    "ppo": ppo.build,
 }
 
 

@@ -31,6 +31,10 @@ class ReinforceSettings:
     baseline: str
     advantage: str
     kl_in: str
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    epochs: int
     policy_logprobs: str
     max_prompt_len: int
     max_new_tokens: int
@@ -138,7 +142,9 @@ def _policy(config):
     return policy
 
 
-def _data(config, mcfg, mesh, rules) -> DataBundle:
+def rollout_data(config, mcfg, mesh, rules, critic=None) -> DataBundle:
+    """The rollout source over the configured prompts. `critic` (architecture, head size):
+    PPO's, whose values the rollouts read from the {"policy", "critic"} parameters."""
     from nemotron_jax import sharding
     from nemotron_jax.data import splits
     from nemotron_jax.train import rollouts
@@ -155,7 +161,7 @@ def _data(config, mcfg, mesh, rules) -> DataBundle:
     mesh = sharding.make_mesh(tuple(config.mesh)) if mesh is None else mesh
     rules = sharding.DEFAULT_RULES if rules is None else rules
     settings = ReinforceSettings.from_config(config)
-    source, report = rollouts.build(settings, mcfg, mesh, rules, policy, data)
+    source, report = rollouts.build(settings, mcfg, mesh, rules, policy, data, critic=critic)
     return DataBundle(source, [], report, data.tokenizer, evaluate=source.evaluate)
 
 
@@ -191,7 +197,7 @@ def build(config) -> Objective:
         module=Llama(mcfg),
         loss_fn=loss,
         progress_keys=("reward_mean", "kl", "response_length"),
-        make_data=lambda mesh, rules, workdir=None: _data(config, mcfg, mesh, rules),
+        make_data=lambda mesh, rules, workdir=None: rollout_data(config, mcfg, mesh, rules),
         batch_spec=batch_spec,
         seq_len=config.rl.max_prompt_len + config.rl.max_new_tokens,
         method="hidden_and_head",
