@@ -97,7 +97,9 @@ def test_critic_starts_as_the_reward_model_and_each_model_has_its_own_optimizer(
         return tx.update(grads, state, params)[0]
 
     small, large = second_update(0.0), second_update(50.0)
-    for a, b in zip(jax.tree.leaves(small["policy"]), jax.tree.leaves(large["policy"])):
+    for a, b in zip(
+        jax.tree.leaves(small["policy"]), jax.tree.leaves(large["policy"]), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, small["critic"],
                                               large["critic"]))) > 0  # fmt: skip
