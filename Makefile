@@ -2,6 +2,8 @@
 #   make demo   set up .venv, then on the generated synthetic HelpSteer2 data with the tiny model:
 #               the reward-model recipe (regression -> Scaled BT -> ExPO), an SFT policy, and
 #               REINFORCE of that policy against the recipe's reward model
+#   make demo-alignment   the paper's Table 4 on the tiny model: an SFT policy and a reward model,
+#               then REINFORCE, PPO, GRPO and three DPO forms, scored alike (runs/demo_alignment)
 #   make test   set up .venv, then run the whole test suite
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,7 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: demo demo-parity test lint bench-forward device-check clean
+.PHONY: demo demo-alignment demo-parity test lint bench-forward device-check clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,11 @@ demo: $(STAMP)
 	$(PY) experiments/run.py --config experiments/configs/sft.py --workdir runs/demo_sft
 	$(PY) experiments/run.py --workdir runs/demo_reinforce --config \
 		experiments/configs/reinforce.py:policy=runs/demo_sft/params,rm=runs/demo_recipe/3_expo/params
+
+demo-alignment: $(STAMP)
+	rm -rf runs/demo_alignment
+	$(PY) experiments/run.py --config experiments/configs/alignment.py --workdir runs/demo_alignment
+	cat runs/demo_alignment/results.md
 
 demo-parity: $(STAMP)
 	$(PY) tools/demo_parity.py

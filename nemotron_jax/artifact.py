@@ -210,6 +210,24 @@ def load(
     return dataclasses.replace(artifact, params=params)
 
 
+def load_frozen(path, config: LlamaConfig, mesh, rules, *, what: str) -> Any:
+    """The params of the causal LM at `path`, restored in `config`'s dtypes (whatever they were
+    saved in) and sharded on `mesh` by `rules`: a frozen reference policy in the run's
+    numerics. `what` names it in errors (a wrong kind or another architecture)."""
+    import flax.linen as nn
+
+    from nemotron_jax import sharding
+    from nemotron_jax.models.llama import abstract_params
+
+    try:
+        model = load(path, kind="causal_lm", restore=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    model.check_architecture(config, what)
+    boxed = abstract_params(config, boxed=True)
+    return model.restore(nn.unbox(boxed), sharding.shardings_for(boxed, mesh, rules))
+
+
 def _tokenizer_name(tokenizer) -> str | None:
     from nemotron_jax.data.tokenizer import Llama3Tokenizer, SentencePieceTokenizer
 

@@ -2,12 +2,14 @@
 by ExPO and the Table-1 evaluation.
 
     config.stages    {stage name: training config}, run in name order, each in
-                     <workdir>/<stage name>; a stage's init_from "@<stage>" means that stage's
-                     trained params
+                     <workdir>/<stage name>; "@<stage>" as a stage's init_from, reference_from
+                     or rm_from means that earlier stage's trained params
     config.expo      base, tuned (stage names), alphas, include_head: sweep alpha on the tuned
                      stage's preference validation pairs, keep the best as <workdir>/3_expo/params
     config.evaluate  data (RewardBench-format .jsonl; default: the synthetic data's held-out
                      rewardbench/filtered.jsonl), rows: {stage or "3_expo": (group, variant)}
+    config.alignment judge, baseline, rows: every aligned policy sampled and scored on the same
+                     held-out prompts (`run_alignment_table`), a Table-4-style results.md
 
 Writes <workdir>/results.json and <workdir>/results.md, the latter in the layout of the paper's
 Table 1 (group, variant, Overall, then the RewardBench sections, or the subsets when the data
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +59,22 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
     results = {}
     for name in sorted(config.stages.keys()):
         stage = config.stages[name]
-        if stage.init_from.startswith("@"):
-            ref = stage.init_from[1:]
+        for key in settings.PATH_KEYS:  # "@<stage>": that earlier stage's trained params
+            if not stage[key].startswith("@"):
+                continue
+            ref = stage[key][1:]
             if ref not in results:
                 raise ConfigError(
-                    f"stage {name}: init_from {stage.init_from} names no earlier "
+                    f"stage {name}: {key} {stage[key]} names no earlier "
                     f"stage (have {sorted(results)})"
                 )
             with stage.unlocked():
-                stage.init_from = os.path.join(workdir, ref, "params")
+                stage[key] = os.path.join(workdir, ref, "params")
         print(f"=== stage {name} ===")
+        t0 = time.perf_counter()
         results[name] = run(stage, os.path.join(workdir, name))
-    after = [k for k in ("expo", "evaluate") if k in config]
+        _add_wall_time(os.path.join(workdir, name), time.perf_counter() - t0)
+    after = [k for k in ("expo", "evaluate", "alignment") if k in config]
     if after and distributed.process_count() > 1:
         # ExPO's sweep and the RewardBench evaluation load checkpoints on one host's devices.
         if distributed.is_primary():
@@ -85,7 +92,94 @@ def run_experiment(config, workdir: str) -> dict[str, Any]:
         print("=== evaluation ===")
         evaluation = run_evaluation(config, workdir)
         results["evaluation"] = {stage: headline(r["report"]) for stage, r in evaluation.items()}
+    if "alignment" in config:
+        print("=== alignment table ===")
+        results["alignment"] = run_alignment_table(config, workdir)
     return results
+
+
+WALL_TIME_FILE = "wall_time.json"
+
+
+def _add_wall_time(stage_dir: str, seconds: float) -> None:
+    """Adds this invocation's seconds to the stage's total (a resumed stage sums its parts)."""
+    from nemotron_jax import distributed
+
+    if not distributed.is_primary():
+        return
+    path = os.path.join(stage_dir, WALL_TIME_FILE)
+    total = json.loads(Path(path).read_text())["seconds"] if os.path.exists(path) else 0.0
+    Path(path).write_text(json.dumps({"seconds": total + seconds}))
+
+
+def run_alignment_table(config, workdir: str) -> dict[str, Any]:
+    """Scores every aligned policy of config.alignment.rows on the same held-out prompts with
+    the same sampling key: the reward model's mean reward, the win rate against the initial
+    (SFT) policy judged by that reward model (ties count half), mean response length in
+    tokens, KL to the initial policy, and each stage's training wall time. Writes
+    <workdir>/results.json and a Table-4-style <workdir>/results.md.
+
+    config.alignment: judge (the online stage whose policy, reward model, prompts and sampling
+    settings the evaluation uses), baseline (row label of the initial policy), rows ((stage,
+    group, model), ...) in the table's order."""
+    import flax.linen as nn
+    import jax
+
+    from nemotron_jax import artifact, sharding
+    from nemotron_jax.train import objectives
+
+    spec = config.alignment
+    judge = config.stages[spec.judge]  # its paths are resolved by now
+    mesh = sharding.make_mesh(tuple(judge.mesh))
+    rules = tuple(tuple(rule) for rule in judge.sharding_rules)
+    table: dict[str, Any] = {}
+    # Loaded as the loop loads (outside the mesh context), evaluated as it evaluates (inside).
+    bundle = objectives.build(judge).make_data(mesh, rules)
+    entries = [("initial", judge.init_from, ("baseline", spec.baseline))]
+    entries += [
+        (stage, os.path.join(workdir, stage, "params"), (group, name))
+        for stage, group, name in spec.rows
+    ]
+    for stage, path, (group, name) in entries:  # one policy on the devices at a time
+        policy = artifact.load(path, kind="causal_lm", mesh=mesh, rules=rules)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            metrics = bundle.evaluate(policy.params)
+        del policy
+        wall = Path(workdir, stage, WALL_TIME_FILE)
+        metrics["wall_time_s"] = json.loads(wall.read_text())["seconds"] if wall.exists() else None
+        table[stage] = {"group": group, "model": name, **metrics}
+        print(f"{name}: reward {metrics['reward_mean']:.4f}, win rate "
+              f"{metrics['win_rate_vs_reference']:.3f}")  # fmt: skip
+    from nemotron_jax import distributed
+
+    if distributed.is_primary():
+        Path(workdir, "results.json").write_text(json.dumps(table, indent=2))
+        Path(workdir, "results.md").write_text(format_alignment_table(table, judge))
+    return table
+
+
+def format_alignment_table(table: dict[str, Any], judge) -> str:
+    """The alignment results in the layout of the paper's Table 4 (group, model, then the
+    columns measurable without an external judge)."""
+    lines = [
+        f"Held-out: {judge.rl.eval_prompts} prompts at most, temperature "
+        f"{judge.rl.eval_temperature}, {judge.rl.max_new_tokens} new tokens at most; the reward "
+        f"model {judge.rm_from} judges. Win rate: against the initial policy's sample for the "
+        f"same prompt (ties count half). KL: {judge.rl.kl_estimator} per token "
+        f"({judge.rl.kl_reduce}) to the initial policy.",
+        "",
+        "| group | model | RM reward | win rate vs initial | length (tokens) | KL | wall time (s) "
+        "|",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table.values():
+        wall = "" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}"
+        lines.append(
+            f"| {row['group']} | {row['model']} | {row['reward_mean']:.4f} | "
+            f"{row['win_rate_vs_reference']:.3f} | {row['response_length']:.1f} | "
+            f"{row['kl']:.4f} | {wall} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _resolve_random_models(config, workdir: str):

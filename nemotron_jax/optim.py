@@ -33,7 +33,9 @@ def learning_rate_schedule(
     else:
         decay_steps = max(total_steps - warmup_steps, 1)
         after = optax.cosine_decay_schedule(lr, decay_steps, alpha=(min_lr or 0.0) / lr)
-    return optax.join_schedules([warmup, after], [max(warmup_steps, 1)])
+    if warmup_steps == 0:  # no warm-up: the first update already runs at the full rate
+        return after
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def decay_mask(params: Any) -> Any:

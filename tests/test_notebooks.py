@@ -53,3 +53,12 @@ def test_reinforce_notebook_runs(tmp_path, monkeypatch):
     assert "| beta=0.01 k3 mean |" in outputs  # the held-out table
     for i in range(3):
         assert (tmp_path / "sweep" / f"run{i}" / "params").is_dir()
+
+
+@pytest.mark.slow
+def test_alignment_notebook_runs(tmp_path, monkeypatch):
+    outputs = _execute("03_alignment.py", tmp_path / "alignment", monkeypatch)
+    assert "highest win rate against the SFT policy" in outputs
+    table = (tmp_path / "alignment" / "results.md").read_text()
+    for name in ("Regular DPO", "Margin DPO", "Scaled DPO", "PPO", "GRPO", "REINFORCE", "SFT"):
+        assert f"| {name}" in table, table

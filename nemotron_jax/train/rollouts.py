@@ -11,7 +11,12 @@ One step, NeMo-Aligner's REINFORCE (`helpsteer2_spec.md` §4.2):
    the advantage (`nemotron_jax.losses.reinforce`; GRPO: group-normalised, the KL optionally
    a loss term instead);
 6. hand the P*K sequences to the loop as minibatches of `minibatch_size`, in generation order
-   (the baseline was computed on whole groups first), for that many optimizer steps.
+   (the baseline was computed on whole groups first), for that many optimizer steps; with
+   `rl.epochs` > 1, each further pass in a fixed permutation.
+
+PPO (a critic, `critic=`): the loop's parameters are {"policy", "critic"}; step 5 reads the
+critic's value of every response token and computes per-token rewards and GAE advantages
+and returns instead (`losses.reinforce.token_rewards`, `gae`, `whiten`).
 
 Policy, reference and reward model live in one program on one mesh; nothing is served. The
 random key of step s is `fold_in(seed, s)` and the prompt iterator is checkpointed with the
@@ -27,14 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nemotron_jax import artifact, distributed, sharding
+from nemotron_jax import artifact, distributed
 from nemotron_jax.errors import ConfigError
 from nemotron_jax.losses.lm import token_logprobs
 from nemotron_jax.losses.reinforce import (
@@ -47,7 +51,7 @@ from nemotron_jax.losses.reinforce import (
     token_rewards,
     whiten,
 )
-from nemotron_jax.models.llama import Llama, LlamaConfig, abstract_params
+from nemotron_jax.models.llama import Llama, LlamaConfig
 from nemotron_jax.models.reward import ActorCritic, RewardModel, scalar_reward
 from nemotron_jax.sampling import (
     SAMPLER_WEIGHTS,
@@ -222,12 +226,9 @@ class RolloutSource:
 
     def _load_models(self, policy: artifact.ModelArtifact) -> None:
         rl = self.rl
-        reference = artifact.load(rl.reference_from, kind="causal_lm", restore=False)
-        reference.check_architecture(self.model_config, "reference policy")
-        # In the run's dtypes: the reference may have been saved in others.
-        boxed = abstract_params(self.model_config, boxed=True)
-        shardings = sharding.shardings_for(boxed, self.mesh, self.rules)
-        self.ref_params = reference.restore(nn.unbox(boxed), shardings)
+        self.ref_params = artifact.load_frozen(
+            rl.reference_from, self.model_config, self.mesh, self.rules, what="reference policy"
+        )
 
         self.reward_fn = None
         self.rm = None

@@ -38,7 +38,7 @@ from nemotron_jax import artifact, distributed, sharding
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.losses import get_loss
 from nemotron_jax.losses.dpo import response_logprobs
-from nemotron_jax.models.llama import Llama, abstract_params
+from nemotron_jax.models.llama import Llama
 from nemotron_jax.train.objective import (
     DataBundle,
     Objective,
@@ -68,15 +68,9 @@ class ReferenceScorer:
     def __init__(
         self, path: str, mcfg, mesh, rules, batch_size: int, implementation: str, progress=True
     ):
-        try:
-            reference = artifact.load(path, kind="causal_lm", restore=False)
-        except CheckpointError as e:
-            raise CheckpointError(f"the DPO reference policy: {e}") from None
-        reference.check_architecture(mcfg, "reference policy")
-        boxed = abstract_params(mcfg, boxed=True)
+        self.params = artifact.load_frozen(path, mcfg, mesh, rules, what="the DPO reference policy")
         self.path, self.mesh, self.rules, self.batch_size = path, mesh, rules, batch_size
         self.progress = progress and distributed.is_primary()
-        self.params = reference.restore(nn.unbox(boxed), sharding.shardings_for(boxed, mesh, rules))
         self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
         module = Llama(mcfg)
 
