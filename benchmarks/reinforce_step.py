@@ -27,6 +27,7 @@ from nemotron_jax.errors import ArgumentParser, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 from common import (  # noqa: E402  (benchmarks/common.py)
@@ -113,6 +114,7 @@ def main() -> None:
         # Random models almost never emit a stop token: every response runs to max_new.
         run_experiment(config, str(root / "run"))
         rows = read_metrics(str(root / "run"), "train")[1:]
+    print(rows[0])
     mcfg = model_config(config)
     med = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     total = sum(med.values())
