@@ -3,7 +3,7 @@ a saved HF Llama on given token pairs, run in the Tunix virtualenv that `dpo_ste
 (Tunix's jax / flax pins may clash with the project's). Prints one JSON line: per-step seconds,
 the first step's loss, whether the reference forward is in the step, versions.
 
-    <venv>/bin/python -P benchmarks/tunix_dpo_peer.py --model DIR --data pairs.npz --steps 8
+    <venv>/bin/python -P benchmarks/tunix_dpo_peer.py --model DIR --data pairs.npz --repeats 6
 
 The model is Tunix's `Llama3` built by Tunix's own safetensors loader
 (`tunix.models.llama3.params.create_model_from_safe_tensors`) from the benchmark's saved
@@ -26,10 +26,12 @@ The step is Tunix's `PeftTrainer.train()` loop (full fine-tuning: no LoRA, so `n
 is trained) with Tunix's jitted train step, `max_inflight_computations` as default. Each step is
 timed from one batch fetch to the next, the fetch first blocking until the previous step's
 parameters are ready, so a step's time covers input preparation (the reference forward
-included, when in the step), the train step and Tunix's per-step bookkeeping; the first step
-includes compilation. The optimizer is optax AdamW (`--optim`, the benchmark's settings)
-after global-norm clipping, with norm scales not decayed, as nemotron_jax's `make_optimizer`.
-jax runs with its defaults here (the project's `configure_cpu` is not applied).
+included, when in the step), the train step and Tunix's per-step bookkeeping. The first two
+steps compile (JSON `"warmup": 2`): Tunix's optimizer state starts uncommitted to a device, so
+its train step compiles again once the first update has committed it. The optimizer is optax
+AdamW (`--optim`, the benchmark's settings) after global-norm clipping, with norm scales not
+decayed, as nemotron_jax's `make_optimizer`. jax runs with its defaults here (the project's
+`configure_cpu` is not applied).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import json
 import os
 import time
 
+# Steps that compile: Tunix's jitted train step compiles twice, as its optimizer state starts
+# uncommitted to a device and is committed after the first update.
+WARMUP = 2
 OPTIM = dict(lr=1e-5, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
 
 
@@ -46,7 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a saved LlamaForCausalLM directory")
     p.add_argument("--data", required=True, help="npz: prompt [B, P], chosen / rejected [B, R-1]")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps (the first is warm-up)")
+    p.add_argument("--repeats", type=int, default=6, help=f"timed steps, after {WARMUP} warm-up")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--optim", type=json.loads, default=OPTIM, help="JSON, keys as OPTIM")
     p.add_argument(
@@ -55,6 +60,7 @@ def main() -> None:
     )  # fmt: skip
     a = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    steps = WARMUP + a.repeats
 
     import flax
     import jax
@@ -77,7 +83,8 @@ def main() -> None:
         num_heads=hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         num_kv_heads=hf["num_key_value_heads"],
-        rope_theta=int(hf["rope_theta"]),
+        # transformers 5 saves it under rope_parameters (unused by Tunix's attention, see above)
+        rope_theta=int(hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]),
         norm_eps=hf["rms_norm_eps"],
         weight_tying=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -122,8 +129,8 @@ def main() -> None:
         algorithm="dpo",
         beta=a.beta,
         label_smoothing=0.0,  # the regular (sigmoid) DPO loss
-        eval_every_n_steps=a.steps + 1,
-        max_steps=a.steps,
+        eval_every_n_steps=steps + 1,
+        max_steps=steps,
         pbar_description=None,
     )
 
@@ -153,11 +160,11 @@ def main() -> None:
         jax.block_until_ready(trainer._prepare_inputs(batch))  # before training, untimed
 
     stamps: list[float] = []
-    initial = np.asarray(policy.embedder.input_embedding.value).copy()
+    initial = np.asarray(policy.embedder.input_embedding[...]).copy()
 
     def batches():
         """The same batch every step; each fetch first waits for the previous step's update."""
-        for _ in range(a.steps):
+        for _ in range(steps):
             jax.block_until_ready(nnx.state(trainer.model, nnx.Param))
             stamps.append(time.perf_counter())
             yield batch
@@ -165,9 +172,9 @@ def main() -> None:
         stamps.append(time.perf_counter())
 
     trainer.train(batches())
-    times = [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
+    times = [t1 - t0 for t0, t1 in zip(stamps[:-1], stamps[1:], strict=True)]
     losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
-    moved = float(np.abs(np.asarray(policy.embedder.input_embedding.value) - initial).max())
+    moved = float(np.abs(np.asarray(policy.embedder.input_embedding[...]) - initial).max())
     print(
         json.dumps(
             {
@@ -175,6 +182,7 @@ def main() -> None:
                 "first_loss": float(losses[0]),
                 "losses": [float(x) for x in losses],
                 "reference_in_step": a.reference == "in-step",
+                "warmup": WARMUP,
                 "trained": moved > 0,  # the policy's weights changed
                 "versions": {
                     "tunix": getattr(tunix, "__version__", None) or _version("google-tunix"),

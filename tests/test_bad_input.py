@@ -133,7 +133,7 @@ CASES = [
     ("on_bad_row_ignore", [RUN, "--config", _cfg("rm_bt.py:smoke"), "--workdir", "{wd}",
                            "--config.data.on_bad_row=ignore"], "choose from ['raise', 'skip']"),
     ("unknown_objective", [RUN, "--config", _cfg("rm_bt.py:smoke"), "--workdir", "{wd}",
-                           "--config.objective=ppo"], "config.objective is 'ppo'"),
+                           "--config.objective=kto"], "config.objective is 'kto'"),
     ("negative_lr", [RUN, "--config", _cfg("rm_regression.py:smoke"), "--workdir", "{wd}",
                      "--config.optim.lr=-0.1"], "config.optim.lr is -0.1"),
     ("b2_one", [RUN, "--config", _cfg("rm_bt.py:smoke"), "--workdir", "{wd}",

@@ -213,7 +213,7 @@ def test_regression_padding_row_and_shapes():
 def test_registry_and_option_errors():
     assert set(LOSSES) == {
         "regression", "regular_bt", "margin_bt", "scaled_bt", "sft", "sft_fused", "reinforce",
-        "dpo",
+        "dpo", "ppo",
     }  # fmt: skip
     assert get_loss("scaled_bt") is scaled_bt
     with pytest.raises(ConfigError, match=r"unknown loss 'bt'; valid losses: \['dpo', 'margin_bt'"):

@@ -1,6 +1,6 @@
 """GRPO, a configuration of the REINFORCE parts, end to end at smoke size (random tiny policy and
 reward model): group-normalised advantages, the clipped surrogate against the rollout policy
-and the k3 KL loss term through the one loop; exact resume; bad settings failing at start."""
+and the k3 KL loss term through the one loop; bad settings failing at start."""
 
 import math
 
@@ -21,7 +21,7 @@ def _train(workdir):
     return {r["step"]: r for r in read_metrics(str(workdir), "train")}
 
 
-def test_grpo_runs_and_resumes_exactly(tmp_path):
+def test_grpo_runs_end_to_end(tmp_path):
     run_experiment(_smoke(grpo, **BASE), str(tmp_path / "a"))
     a = _train(tmp_path / "a")
     assert sorted(a) == [1, 2]
@@ -31,13 +31,8 @@ def test_grpo_runs_and_resumes_exactly(tmp_path):
         # Group-normalised advantages have mean 0 over every group, so over the batch.
         assert abs(row["advantage_mean"]) <= tolerances.SHARDED_F32
         assert 0.0 <= row["clip_fraction"] <= 1.0
-    run_experiment(_smoke(grpo, **{**BASE, "num_steps": 1}), str(tmp_path / "b"))
-    run_experiment(_smoke(grpo, **BASE), str(tmp_path / "b"))
-    b = _train(tmp_path / "b")
-    for step in a:
-        for key in ("loss", "reward_mean", "kl", "clip_fraction", "kl_k3"):
-            tol = tolerances.SHARDED_F32 * max(1.0, abs(a[step][key]))
-            assert abs(a[step][key] - b[step][key]) <= tol, (step, key)
+    # Exact resume of the rollout source is tested once for all its configurations, after a
+    # kill, in tests/train/test_ppo.py.
 
 
 @pytest.mark.parametrize(
