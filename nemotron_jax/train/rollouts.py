@@ -75,12 +75,7 @@ def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
         raise ConfigError(
             f"config.rl.num_rollouts_per_prompt ({k}) and prompts_per_step ({p}) must be positive"
         )
-    if k < 2 and rl.advantage != "gae":
-        what = "GRPO's group normalisation" if rl.advantage == "group_norm" else "RLOO"
-        raise ConfigError(
-            f"config.rl.num_rollouts_per_prompt is {k}: {what} needs at least 2 samples per "
-            f"prompt (config.rl.advantage={rl.advantage!r})"
-        )
+    # K >= 2 for RLOO and GRPO, and rl.epochs >= 1: `train.settings.check`, which runs first.
     if rl.beta < 0:
         raise ConfigError(f"config.rl.beta must be >= 0 (a KL penalty), got {rl.beta}")
     if rl.kl_estimator not in KL_ESTIMATORS:
@@ -95,8 +90,6 @@ def check_settings(rl, model_config: LlamaConfig, dp: int) -> None:
         )
     if rl.baseline not in ("rloo_eos", "rloo_all"):
         raise ConfigError(f"config.rl.baseline {rl.baseline!r}; choose rloo_eos or rloo_all")
-    if rl.epochs < 1:
-        raise ConfigError(f"config.rl.epochs must be >= 1, got {rl.epochs}")
     rollout = p * k
     if rollout % rl.minibatch_size:
         raise ConfigError(
@@ -427,11 +420,11 @@ class RolloutSource:
             kl, adv = self._advantages(logp, ref_logp, seqs["response_mask"], rewards, values)
             batch |= {"old_values": values, **{k: adv[k] for k in ("token_advantage", "returns")}}
             # Per-token statistics over the response tokens, as per-sequence means.
-            response = (seqs["response_mask"], seqs["response_mask"].sum(-1).clip(1))
+            n_response = jnp.maximum(seqs["response_mask"].sum(-1), 1)
             adv = {
                 "shaped": adv["shaped"],
-                "advantage": adv["token_advantage"].sum(-1) / response[1],
-                "value": (values * response[0]).sum(-1) / response[1],
+                "advantage": adv["token_advantage"].sum(-1) / n_response,  # 0 off the response
+                "value": (values * seqs["response_mask"]).sum(-1) / n_response,
             }
         else:
             kl, adv = self._advantages(
