@@ -28,6 +28,7 @@ import jax
 
 from nemotron_jax import checkpoint
 from nemotron_jax.errors import CheckpointError, ConfigError
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import LlamaConfig
 
 KINDS = ("causal_lm", "reward_model")
@@ -105,30 +106,61 @@ class ModelArtifact:
         return checkpoint.saved_leaves(self.path)
 
     def check_architecture(self, config: LlamaConfig, what: str) -> None:
-        """Fails unless the saved model has the architecture of `config` (numerics may differ)."""
+        """Fails unless the saved model has the base architecture of `config` (numerics and
+        LoRA adapters may differ: saved adapters are merged on restore, see `restore`)."""
         theirs, ours = self.config.to_dict(), config.to_dict()
-        diff = sorted(k for k in ours if k not in NUMERIC_FIELDS and ours[k] != theirs[k])
+        free = NUMERIC_FIELDS | lora.ADAPTER_FIELDS
+        diff = sorted(k for k in ours if k not in free and ours[k] != theirs[k])
         if diff:
             raise ConfigError(
-                f"{what} {self.path}: model differs from config.model in "
+                f"{what} {self.path}: base model differs from config.model in "
                 + ", ".join(f"{k} ({theirs[k]} vs {ours[k]})" for k in diff)
             )
 
     def restore(self, target, shardings):
         """The leaves of `target` (arrays or `ShapeDtypeStruct`s, possibly a subset of the saved
-        ones), restored in their saved dtype with `shardings`, then cast to the target's."""
+        ones, and no adapter leaves), restored in their saved dtype with `shardings`, then cast
+        to the target's. A weight that the saved model adapts with LoRA comes back merged,
+        W + (alpha / R) A @ B: the plain weights of the model the checkpoint computes."""
         saved = self.saved_leaves()
         leaf = lambda p: tuple(str(getattr(k, "key", k)) for k in p)  # noqa: E731
-        missing = [leaf(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]]
-        missing = ["/".join(p) for p in missing if p not in saved]
+        paths = [leaf(p) for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]]
+        missing = ["/".join(p) for p in paths if p not in saved]
         if missing:
             raise CheckpointError(f"{self.path}: checkpoint lacks {missing[:4]}")
         abstract = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.ShapeDtypeStruct(x.shape, saved[leaf(p)][1]), target
         )
         restored = checkpoint.restore_params(self.path, abstract, shardings=shardings)
+        adapted = [p for p in paths if p[:-1] + (p[-1] + "_lora_a",) in saved]
+        if adapted:
+            restored = self._merge_adapters(restored, adapted, saved)
         dtypes = jax.tree.map(lambda x: x.dtype, target)
         return jax.jit(lambda r: jax.tree.map(lambda a, d: a.astype(d), r, dtypes))(restored)
+
+    def _merge_adapters(self, restored, adapted, saved):
+        """`restored` with each weight in `adapted` merged with its saved adapter (restored
+        replicated: adapters are small), on the weight's own sharding."""
+        from flax import traverse_util
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        flat = traverse_util.flatten_dict(restored)
+        mesh = flat[adapted[0]].sharding.mesh
+        names = [p[:-1] + (p[-1] + suffix,) for p in adapted for suffix in lora.ADAPTER_SUFFIXES]
+        abstract = traverse_util.unflatten_dict({n: jax.ShapeDtypeStruct(*saved[n]) for n in names})
+        replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+        adapters = traverse_util.flatten_dict(
+            checkpoint.restore_params(self.path, abstract, shardings=replicated)
+        )
+        scale = lora.adapter_scale(self.config)
+        for p in adapted:
+            w = flat[p]
+            a, b = (adapters[p[:-1] + (p[-1] + suffix,)] for suffix in lora.ADAPTER_SUFFIXES)
+            flat[p] = jax.jit(lora.merged_weight, static_argnums=3, out_shardings=w.sharding)(
+                w, a, b, scale
+            )
+        return traverse_util.unflatten_dict(flat)
 
 
 def check_vocabulary(tokenizer, config: LlamaConfig, where: str = "") -> None:
@@ -213,7 +245,8 @@ def load(
 def load_frozen(path, config: LlamaConfig, mesh, rules, *, what: str) -> Any:
     """The params of the causal LM at `path`, restored in `config`'s dtypes (whatever they were
     saved in) and sharded on `mesh` by `rules`: a frozen reference policy in the run's
-    numerics. `what` names it in errors (a wrong kind or another architecture)."""
+    numerics. They are plain weights of `config`'s base (any saved adapters merged in).
+    `what` names it in errors (a wrong kind or another architecture)."""
     import flax.linen as nn
 
     from nemotron_jax import sharding
@@ -224,7 +257,7 @@ def load_frozen(path, config: LlamaConfig, mesh, rules, *, what: str) -> Any:
     except CheckpointError as e:
         raise CheckpointError(f"{what}: {e}") from None
     model.check_architecture(config, what)
-    boxed = abstract_params(config, boxed=True)
+    boxed = abstract_params(lora.base_config(config), boxed=True)
     return model.restore(nn.unbox(boxed), sharding.shardings_for(boxed, mesh, rules))
 
 

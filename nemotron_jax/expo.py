@@ -9,6 +9,10 @@ tuned model itself.
     extrapolate("runs/reg/params", "runs/sbt/params", "runs/expo/params", alpha=0.3)
     best, table = sweep("runs/reg/params", "runs/sbt/params", [0, 0.1, 0.3, 1], eval_rows=rows)
 
+Checkpoints trained with LoRA are extrapolated as the plain models they compute: each adapted
+weight is read merged, W + (alpha_lora / R) A @ B, and the result has no adapters (stage 2 of a
+LoRA recipe starts from stage 1 merged, so their difference is stage 2's adapters and head).
+
 `extrapolate` streams: each leaf, or each layer slice of a stacked leaf, is read from both
 checkpoints, combined in float32, cast back to the tuned checkpoint's stored dtype and written
 before the next is read, so host memory stays near one layer slice at any model size.
@@ -28,14 +32,23 @@ import numpy as np
 
 from nemotron_jax import artifact, checkpoint
 from nemotron_jax.errors import CheckpointError, ConfigError
+from nemotron_jax.models import lora
 
 HEAD_KEY = artifact.HEAD_KEY["reward_model"]
 
 
+def _plain_leaves(ckpt_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
+    """{leaf path: (shape, dtype)} of the checkpoint's plain model (LoRA adapters left out:
+    `lora.read_merged_leaf` folds them into their weights)."""
+    saved = checkpoint.saved_leaves(ckpt_dir)
+    return {p: v for p, v in saved.items() if not lora.is_adapter(p)}
+
+
 def _check_same_leaves(base_dir, tuned_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
     """The tuned checkpoint's {leaf path: (shape, dtype)}, after checking base has the same
-    leaves and shapes (dtypes may differ: both are read into float32)."""
-    base, tuned = checkpoint.saved_leaves(base_dir), checkpoint.saved_leaves(tuned_dir)
+    leaves and shapes (dtypes may differ: both are read into float32). LoRA adapters do not
+    count: each side is read as its plain, merged model."""
+    base, tuned = _plain_leaves(base_dir), _plain_leaves(tuned_dir)
     for lp in sorted(set(base) | set(tuned)):
         name = "/".join(lp)
         if lp not in base:
@@ -98,15 +111,17 @@ def extrapolate(
     a = np.float32(alpha)
 
     def fill(leaf_path: tuple[str, ...], index: int | None) -> np.ndarray:
-        tuned = checkpoint.read_leaf(tuned_dir, leaf_path, index)
+        tuned = lora.read_merged_leaf(tuned_dir, leaf_path, index)
         if alpha == 0 or (not include_head and leaf_path[0] == HEAD_KEY):
             return tuned
-        base = checkpoint.read_leaf(base_dir, leaf_path, index)
+        base = lora.read_merged_leaf(base_dir, leaf_path, index)
         t = tuned.astype(np.float32)
         out = t + a * (t - base.astype(np.float32))
         return out.astype(tuned.dtype)
 
     metadata = dict(checkpoint.read_metadata(tuned_dir))
+    if artifact.MODEL_CONFIG in metadata:  # the plain model: no adapters
+        metadata[artifact.MODEL_CONFIG] = {**metadata[artifact.MODEL_CONFIG], "lora_rank": 0}
     metadata["expo"] = {
         "alpha": alpha,
         "base": os.path.abspath(os.fspath(base_dir)),

@@ -22,9 +22,10 @@ from experiments.configs import common, dpo, grpo, ppo, reinforce, rm_regression
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, policy="", rm="", model="tiny", data="", smoke=False)
+    a = common.parse_arg(arg, lora=0, policy="", rm="", model="tiny", data="", smoke=False)
     shared = f"model={a.model}" + (f",data={a.data}" if a.data else "")
     shared += ",smoke" if a.smoke else ""
+    shared += f",lora={a.lora}" if a.lora else ""
     stages = {}
     policy, rm = a.policy, a.rm
     if not policy:

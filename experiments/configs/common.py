@@ -72,6 +72,17 @@ def base_config(name: str, objective: str) -> ml_collections.ConfigDict:
     # sized model) or {"scan_unroll": 4}; set from Python (the locked dict takes no new keys).
     c.model.overrides = ml_collections.ConfigDict()
 
+    # LoRA adapters (`nemotron_jax/models/lora.py`): rank 0 trains every parameter; rank > 0
+    # freezes the base in model.param_dtype and trains only the adapters (float32), plus the
+    # reward or value head. The reference of DPO, REINFORCE, PPO and GRPO is then the base with
+    # the adapters off (no second copy of the weights). `lora=RANK` on any training config.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the adapter's output is scaled by alpha / rank, as in PEFT
+    # Any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (models.llama.LORA_TARGETS).
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    c.lora.dropout = 0.0  # on the adapters' input, training steps only
+
     c.loss = ml_collections.ConfigDict()
     c.loss.slot = 4  # head slot the BT losses compare (helpfulness, as in the paper)
     c.loss.tie_policy = "drop"  # drop: ties get weight 0 | nemo: label >= 0 means row 1 wins

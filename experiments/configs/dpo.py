@@ -23,6 +23,7 @@ from experiments.configs import common
 def get_config(arg=None):
     a = common.parse_arg(
         arg,
+        lora=0,
         variant="regular",
         policy="",
         reference="",
@@ -52,6 +53,7 @@ def get_config(arg=None):
         c.optim.warmup_steps = 10
         c.num_steps = 60  # ~7.7k training pairs without ties at batch 128: one epoch
         c.eval_every = c.checkpoint_every = 20
+    c.lora.rank = a.lora
     if a.smoke:
         common.smoke(c)
         if not a.policy:  # a random tiny policy, written at start

@@ -16,6 +16,7 @@ from experiments.configs import common, reinforce
 def get_config(arg=None):
     a = common.parse_arg(
         arg,
+        lora=0,
         policy="",
         rm="",
         reward_fn="",
@@ -42,4 +43,5 @@ def get_config(arg=None):
     c.rl.normalize = a.normalize
     c.rl.baseline = "rloo_all"  # every sample counts in its group (read by rloo only)
     c.rl.truncated = "keep"  # GRPO trains on truncated samples too
+    c.lora.rank = a.lora
     return c

@@ -19,6 +19,7 @@ from experiments.configs import common, reinforce
 def get_config(arg=None):
     a = common.parse_arg(
         arg,
+        lora=0,
         policy="",
         rm="",
         model="tiny",
@@ -50,4 +51,5 @@ def get_config(arg=None):
     c.critic_optim.lr = a.critic_lr or 3 * c.optim.lr
     if a.smoke and not a.policy:
         c.rm_from = c.rm_from or "random"
+    c.lora.rank = a.lora
     return c

@@ -23,6 +23,7 @@ from experiments.configs import common
 def get_config(arg=None):
     a = common.parse_arg(
         arg,
+        lora=0,
         policy="",
         rm="",
         reward_fn="",
@@ -66,6 +67,7 @@ def get_config(arg=None):
         c.num_steps = 313
         if a.model != "llama3.1-8b":  # a gathered 70B policy alone is 141 GB of bf16
             c.rl.sampler_weights = "per_step"
+    c.lora.rank = a.lora
     if a.smoke:
         common.smoke(c)
         c.rl.prompts_per_step = 4

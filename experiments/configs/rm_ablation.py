@@ -20,9 +20,10 @@ BT = ("regular", "margin", "scaled")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, model="tiny", data="", eval_data="", smoke=False)
+    a = common.parse_arg(arg, lora=0, model="tiny", data="", eval_data="", smoke=False)
     passthrough = f"model={a.model}" + (f",data={a.data}" if a.data else "")
     passthrough += ",smoke" if a.smoke else ""
+    passthrough += f",lora={a.lora}" if a.lora else ""
     stages = {
         "1_regression_helpfulness": rm_regression.get_config(
             f"attributes=helpfulness,{passthrough}"

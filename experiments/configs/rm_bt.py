@@ -17,7 +17,9 @@ LOSSES = {"regular": "regular_bt", "margin": "margin_bt", "scaled": "scaled_bt"}
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, loss="scaled", init_from="", model="tiny", data="", smoke=False)
+    a = common.parse_arg(
+        arg, lora=0, loss="scaled", init_from="", model="tiny", data="", smoke=False
+    )
     if a.loss not in LOSSES:
         raise ConfigError(f"config arg loss={a.loss!r}; choose from {sorted(LOSSES)}")
     c = common.base_config(f"rm_{a.loss}_bt", LOSSES[a.loss])
@@ -27,6 +29,7 @@ def get_config(arg=None):
     c.init_from = a.init_from
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
+    c.lora.rank = a.lora
     if a.smoke:
         common.smoke(c)
     return c

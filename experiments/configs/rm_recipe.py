@@ -24,10 +24,11 @@ from experiments.configs import common, rm_bt, rm_regression
 
 def get_config(arg=None):
     a = common.parse_arg(
-        arg, model="tiny", init_from="", data="", eval_data="", bt="scaled", smoke=False
+        arg, lora=0, model="tiny", init_from="", data="", eval_data="", bt="scaled", smoke=False
     )
     passthrough = f"model={a.model}" + (f",data={a.data}" if a.data else "")
     passthrough += ",smoke" if a.smoke else ""
+    passthrough += f",lora={a.lora}" if a.lora else ""
     stage1 = rm_regression.get_config(f"attributes=helpfulness,{passthrough}")
     stage1.init_from = a.init_from
     stage2 = rm_bt.get_config(f"loss={a.bt},init_from=@1_regression,{passthrough}")

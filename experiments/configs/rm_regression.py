@@ -15,7 +15,7 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, attributes="helpfulness", model="tiny", data="", smoke=False)
+    a = common.parse_arg(arg, lora=0, attributes="helpfulness", model="tiny", data="", smoke=False)
     c = common.base_config("rm_regression", "regression")
     c.data.attributes = a.attributes
     common.real_model(c, a.model)
@@ -23,6 +23,7 @@ def get_config(arg=None):
         c.num_steps, c.optim.lr = 317, 2e-6
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
+    c.lora.rank = a.lora
     if a.smoke:
         common.smoke(c)
     return c

@@ -10,7 +10,7 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, model="tiny", init_from="", data="", smoke=False)
+    a = common.parse_arg(arg, lora=0, model="tiny", init_from="", data="", smoke=False)
     c = common.base_config("sft", "sft")
     common.real_model(c, a.model)
     if a.model != "tiny":
@@ -22,6 +22,7 @@ def get_config(arg=None):
     c.init_from = a.init_from
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
+    c.lora.rank = a.lora
     if a.smoke:
         common.smoke(c)
     return c

@@ -13,6 +13,13 @@ Einsum letters used throughout:
     B batch            T query length       S key/value length
     D hidden size      N query heads        K key/value heads     G = N / K query heads per K
     H head dim         F MLP size           V vocabulary          L layers
+    R LoRA rank
+
+With `lora_rank > 0` each projection named in `lora_targets` also has a low-rank adapter,
+`<proj>_lora_a` [*in, R] and `<proj>_lora_b` [R, *out] (float32, logically sharded like the
+in and out axes of the weight they adapt), and computes
+`x @ W + (lora_alpha / R) * (dropout(x) @ A) @ B`. B starts at zero, so a fresh adapter leaves
+the base model's outputs unchanged (`nemotron_jax/models/lora.py`: merge, adapters off).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from nemotron_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "llama3")
+# The projections LoRA may adapt, as PEFT names them for Llama.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -84,6 +93,12 @@ class LlamaConfig:
     # "auto" lets `kernels.attention.resolve_implementation` choose for the backend, dtype and
     # mesh. Changes no parameter and no result beyond float rounding.
     attention_impl: str = "auto"
+    # LoRA adapters (see the module docstring); rank 0 means none. The adapters add
+    # parameters; everything else about the architecture is the base model's.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_dropout: float = 0.0
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype", "logits_dtype"):
@@ -120,6 +135,21 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         eos = self.eos_token_id
         object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
+        targets = self.lora_targets
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        object.__setattr__(self, "lora_targets", targets)
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise ConfigError(
+                f"lora_targets {list(targets)}: {unknown or 'empty'} not among the projections "
+                f"{list(LORA_TARGETS)}"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
 
     @property
     def group_size(self) -> int:
@@ -140,6 +170,7 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        d["lora_targets"] = list(self.lora_targets)
         return d
 
     @classmethod
@@ -234,6 +265,45 @@ def _init(names: tuple[str, ...], init=_NORMAL_INIT):
     return nn.with_logical_partitioning(init, names)
 
 
+def projection(module: nn.Module, name: str, eq: str, x, shape, names) -> jax.Array:
+    """`dense(eq, x, W)` for the weight `name` of `shape` and logical `names`, plus its LoRA
+    adapter when `config.lora_targets` names it.
+
+    `eq` is "<x letters>,<W letters>-><out letters>" with W's input letters first (those it
+    shares with x, e.g. "BTD,DNH->BTNH"); A takes W's input axes and B its output axes.
+    """
+    cfg = module.config
+    dtype = DTYPES[cfg.dtype]
+    w = module.param(name, _init(names), shape, DTYPES[cfg.param_dtype])
+    y = dense(eq, x, w, dtype)
+    if not cfg.lora_rank or name not in cfg.lora_targets:
+        return y
+    x_letters, w_letters = eq.split("->")[0].split(",")
+    n_in = sum(c in x_letters for c in w_letters)
+    w_in, w_out = w_letters[:n_in], w_letters[n_in:]
+    rows = "".join(c for c in x_letters if c not in w_letters)
+    r = cfg.lora_rank
+    # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); B = 0.
+    a_init = nn.initializers.variance_scaling(
+        1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+    a = module.param(
+        name + "_lora_a", _init(names[:n_in] + (None,), a_init), shape[:n_in] + (r,), jnp.float32
+    )
+    b = module.param(
+        name + "_lora_b",
+        _init((None,) + names[n_in:], nn.initializers.zeros),
+        (r,) + shape[n_in:],
+        jnp.float32,
+    )
+    if cfg.lora_dropout and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+    low = dense(f"{x_letters},{w_in}R->{rows}R", x, a, dtype)
+    delta = dense(f"{rows}R,R{w_out}->{eq.split('->')[1]}", low, b, dtype)
+    return y + (delta.astype(jnp.float32) * (cfg.lora_alpha / r)).astype(y.dtype)
+
+
 class RMSNorm(nn.Module):
     """HF's LlamaRMSNorm: statistics in float32, cast back to the input dtype, then scaled."""
 
@@ -273,16 +343,17 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, positions, segment_ids, index_causal=False, kv_cache=None):
         cfg = self.config
-        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        dtype = DTYPES[cfg.dtype]
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = self.param("q_proj", _init(("embed", "q_heads", "head_dim")), (d, n, h), pdtype)
-        wk = self.param("k_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
-        wv = self.param("v_proj", _init(("embed", "kv_heads", "head_dim")), (d, k, h), pdtype)
-        wo = self.param("o_proj", _init(("q_heads", "head_dim", "embed")), (n, h, d), pdtype)
+        q_names, kv_names = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q = projection(self, "q_proj", "BTD,DNH->BTNH", x, (d, n, h), q_names)
+        key = projection(self, "k_proj", "BSD,DKH->BSKH", x, (d, k, h), kv_names)
+        value = projection(self, "v_proj", "BSD,DKH->BSKH", x, (d, k, h), kv_names)
 
-        q = dense("BTD,DNH->BTNH", x, wq, dtype)
-        key = dense("BSD,DKH->BSKH", x, wk, dtype)
-        value = dense("BSD,DKH->BSKH", x, wv, dtype)
+        def output(out):  # [B, T, N, H] -> [B, T, D]
+            o_names = ("q_heads", "head_dim", "embed")
+            return projection(self, "o_proj", "BTNH,NHD->BTD", out, (n, h, d), o_names)
+
         if kv_cache is None:
             q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
             # Causal by position; `index_causal` tells the kernel it may skip later keys.
@@ -290,7 +361,7 @@ class Attention(nn.Module):
                 q, key, value, segment_ids=segment_ids, positions=positions,
                 causal=index_causal, rope=(cos, sin), implementation=cfg.attention_impl,
             )  # fmt: skip
-            return dense("BTNH,NHD->BTD", out, wo, dtype), None
+            return output(out), None
 
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
@@ -317,7 +388,7 @@ class Attention(nn.Module):
                 q, key, value, mask=kv_cache["mask"], causal=False,
                 implementation=cfg.attention_impl,
             )  # fmt: skip
-        return dense("BTNH,NHD->BTD", out, wo, dtype), slabs
+        return output(out), slabs
 
 
 def _silu_times(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
@@ -333,15 +404,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        dtype = DTYPES[cfg.dtype]
         d, f = cfg.hidden_size, cfg.intermediate_size
-        w_gate = self.param("gate_proj", _init(("embed", "mlp")), (d, f), pdtype)
-        w_up = self.param("up_proj", _init(("embed", "mlp")), (d, f), pdtype)
-        w_down = self.param("down_proj", _init(("mlp", "embed")), (f, d), pdtype)
-        up = dense("BTD,DF->BTF", x, w_up, dtype)
-        hidden = _silu_times(dense("BTD,DF->BTF", x, w_gate, dtype), up, dtype)
+        up = projection(self, "up_proj", "BTD,DF->BTF", x, (d, f), ("embed", "mlp"))
+        gate = projection(self, "gate_proj", "BTD,DF->BTF", x, (d, f), ("embed", "mlp"))
+        hidden = _silu_times(gate, up, dtype)
         hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
-        return dense("BTF,FD->BTD", hidden, w_down, dtype)
+        return projection(self, "down_proj", "BTF,FD->BTD", hidden, (f, d), ("mlp", "embed"))
 
 
 class DecoderLayer(nn.Module):
@@ -402,7 +471,7 @@ class Llama(nn.Module):
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * 5,
             length=cfg.num_layers,
             unroll=min(cfg.scan_unroll, cfg.num_layers),

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from nemotron_jax import artifact, distributed, sharding
 from nemotron_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from nemotron_jax.metrics import MetricWriter
+from nemotron_jax.models import lora
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives, settings
 from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
@@ -121,10 +122,14 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
     else:
         tx = make_optimizer(config.optim, total_updates)
     rng = jax.random.PRNGKey(config.seed)
+    # LoRA: only the adapters (and a reward or value head) train; the optimizer holds state
+    # for those alone.
+    adapters_only = objective.model_config.lora_rank > 0
 
     def init_state():
         params = objective.init(rng)  # boxed: logical names travel into the optimizer state
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        trainable = lora.split(params)[0] if adapters_only else params
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(trainable)}
 
     abstract_boxed = jax.eval_shape(init_state)
     abstract_state = sharding.sharded_shapes(abstract_boxed, mesh, rules)
@@ -132,7 +137,14 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     accum = grad_accum(config, mesh)
     train_step = jax.jit(
-        make_train_step(objective.apply, objective.loss, tx, accum),
+        make_train_step(
+            objective.apply,
+            objective.loss,
+            tx,
+            accum,
+            adapters_only=adapters_only,
+            dropout_seed=config.seed if objective.model_config.lora_dropout > 0 else None,
+        ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, NamedSharding(mesh, P())),
         donate_argnames=("state",),

@@ -19,6 +19,7 @@ import numpy as np
 from nemotron_jax import artifact
 from nemotron_jax.data.helpsteer2 import NUM_LABEL_SLOTS
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import LlamaConfig
 
 
@@ -78,13 +79,15 @@ class Objective:
         tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
         return self.module.init(rng, tokens, attention_mask=tokens + 1)["params"]
 
-    def apply(self, params, batch):
+    def apply(self, params, batch, rng=None):
+        """The module's outputs on `batch`; `rng` draws the LoRA adapters' dropout."""
         tokens, mask = batch["tokens"], batch["attention_mask"]
         if self.kind == "causal_lm" and tokens.ndim == 3:  # pairs [B, 2, T] -> rows [2B, T]
             b, k, t = tokens.shape
             tokens, mask = tokens.reshape(b * k, t), mask.reshape(b * k, t)
+        rngs = None if rng is None else {"dropout": rng}
         return self.module.apply(
-            {"params": params}, tokens, attention_mask=mask, method=self.method
+            {"params": params}, tokens, attention_mask=mask, method=self.method, rngs=rngs
         )
 
     def loss(self, outputs, batch):
@@ -114,8 +117,19 @@ def restore_into(path: str, params, shardings, arch: LlamaConfig, kind: str, ini
     wanted = set(artifact.BACKBONE_KEYS)
     if kind == "causal_lm" or (init_head and (head, "kernel") in model.saved_leaves()):
         wanted.add(head)
+    # The run's own adapters (if any) keep their fresh init; saved adapters merge (`restore`).
     target = {k: v for k, v in params.items() if k in wanted}
-    return {**params, **model.restore(target, {k: shardings[k] for k in target})}
+    target, target_shardings = (
+        _without_adapters(tree) for tree in (target, {k: shardings[k] for k in target})
+    )
+    return lora.combine(model.restore(target, target_shardings), params)
+
+
+def _without_adapters(tree):
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not lora.is_adapter(p)})
 
 
 def model_config(config) -> LlamaConfig:
@@ -127,11 +141,16 @@ def model_config(config) -> LlamaConfig:
         param_dtype=m.param_dtype,
         remat=m.remat,
         attention_impl=m.attention_impl,
+        lora_rank=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        lora_targets=tuple(config.lora.targets),
+        lora_dropout=config.lora.dropout,
     )
     try:
         return LlamaConfig.preset(m.preset, **fields)
     except ConfigError as e:
-        raise ConfigError(f"config.model: {e}") from None
+        where = "config.lora" if str(e).startswith("lora_") else "config.model"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def supervised_batch_spec(kind: str):

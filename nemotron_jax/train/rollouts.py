@@ -219,9 +219,13 @@ class RolloutSource:
 
     def _load_models(self, policy: artifact.ModelArtifact) -> None:
         rl = self.rl
-        self.ref_params = artifact.load_frozen(
-            rl.reference_from, self.model_config, self.mesh, self.rules, what="reference policy"
-        )
+        # With LoRA the reference is the policy with its adapters off (`_reference`): the
+        # frozen base it trains on, so no second copy of the weights is loaded.
+        self.ref_params = None
+        if not self.model_config.lora_rank:
+            self.ref_params = artifact.load_frozen(
+                rl.reference_from, self.model_config, self.mesh, self.rules, what="reference policy"
+            )
 
         self.reward_fn = None
         self.rm = None
@@ -377,6 +381,19 @@ class RolloutSource:
     def _policy_params(self, params):
         return params["policy"] if self.critic else params
 
+    def _reference(self, policy_params):
+        """The reference policy's params: the frozen ones, or with LoRA the policy's own with
+        every adapter's B zeroed (`lora.adapters_off`), placed like the adapters."""
+        if self.ref_params is not None:
+            return self.ref_params
+
+        def off(path, x):
+            if not str(getattr(path[-1], "key", path[-1])).endswith("_lora_b"):
+                return x
+            return jax.jit(jnp.zeros_like, out_shardings=x.sharding)(x)
+
+        return jax.tree_util.tree_map_with_path(off, policy_params)
+
     def produce(self, params, step: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
         all_params, params = params, self._policy_params(params)
         tokens, mask = self._next_prompts()
@@ -395,7 +412,7 @@ class RolloutSource:
         logp = jax.block_until_ready(logp)
         t3 = time.perf_counter()
         ref_logp = jax.block_until_ready(
-            self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])
+            self._logprobs(self._reference(params), seqs["tokens"], seqs["attention_mask"])
         )
         t4 = time.perf_counter()
         timings = {
@@ -468,7 +485,7 @@ class RolloutSource:
             rollout, seqs = self._eval_generate(params, tokens, mask, jax.random.fold_in(rng, i))
             rewards = self._score(seqs, rollout)
             logp = self._logprobs(params, seqs["tokens"], seqs["attention_mask"])
-            ref = self._logprobs(self.ref_params, seqs["tokens"], seqs["attention_mask"])
+            ref = self._logprobs(self._reference(params), seqs["tokens"], seqs["attention_mask"])
             kl = sequence_kl(
                 logp,
                 ref,
@@ -489,7 +506,8 @@ class RolloutSource:
         """On the held-out prompts: the policy's mean reward, its win rate against the reference
         policy's samples as judged by the reward model (ties count half), KL, length, EOS rate."""
         if self._reference_eval is None:  # the reference never changes: sample it once
-            self._reference_eval = self._sample_eval(self.ref_params)
+            reference = self._reference(self._policy_params(params))
+            self._reference_eval = self._sample_eval(reference)
         ref, pol = self._reference_eval, self._sample_eval(self._policy_params(params))
         wins = np.mean(pol["rewards"] > ref["rewards"]) + 0.5 * np.mean(
             pol["rewards"] == ref["rewards"]

@@ -127,6 +127,9 @@ _RANGES = {
     "dpo.label_smoothing": (0, True),
     "dpo.sft_weight": (0, True),
     "dpo.strength_scale": (0, False),
+    "lora.rank": (0, True),
+    "lora.alpha": (0, False),
+    "lora.dropout": (0, True),
 }
 # Upper bounds, inclusive unless noted.
 _BELOW = {
@@ -139,6 +142,7 @@ _BELOW = {
     "rl.gamma": (1, True),
     "rl.lam": (1, True),
     "dpo.label_smoothing": (0.5, False),
+    "lora.dropout": (1, False),
 }
 # Checkpoints read at start; "" means none, "@stage" an earlier stage's params, "random" a random
 # model written at start (init_from and rm_from of REINFORCE smoke runs; experiment.py).
@@ -178,6 +182,7 @@ def check(config) -> None:
             bound = f"<= {high[0]}" if high[1] else f"< {high[0]}"
             raise ConfigError(f"config.{key} is {value!r}; it must be {bound}")
     _check_online(config)
+    _check_lora(config)
     shape = tuple(get(config, "mesh"))
     if len(shape) != 3 or any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
         raise ConfigError(
@@ -200,6 +205,31 @@ def check(config) -> None:
         raise ConfigError(
             f"config.data.tokenizer {data.tokenizer}: no such SentencePiece model file "
             f"('' = the data's own, 'llama3' = Meta's)"
+        )
+
+
+def _check_lora(config) -> None:
+    """LoRA's targets, and its reference: the base the adapters train on."""
+    from nemotron_jax.models.llama import LORA_TARGETS
+
+    lora = config.lora
+    if not isinstance(lora.rank, int) or isinstance(lora.rank, bool):
+        raise ConfigError(f"config.lora.rank is {lora.rank!r}; expected an int (0 = no LoRA)")
+    targets = (lora.targets,) if isinstance(lora.targets, str) else tuple(lora.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ConfigError(
+            f"config.lora.targets {list(targets)}: {unknown or 'none given'}; each must be one of "
+            f"the projections {list(LORA_TARGETS)}"
+        )
+    if not lora.rank:
+        return
+    with_reference = config.objective in ("dpo", "reinforce", "ppo")
+    if with_reference and config.reference_from and config.reference_from != config.init_from:
+        raise ConfigError(
+            f"config.reference_from is {config.reference_from!r} with config.lora.rank "
+            f"{lora.rank}: with LoRA the reference is the base model (config.init_from "
+            f"{config.init_from!r}) with its adapters off; leave reference_from empty"
         )
 
 

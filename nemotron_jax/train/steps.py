@@ -13,20 +13,21 @@ devices; how that compares with NeMo's per-micro-batch means is in `nemotron_jax
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from nemotron_jax.losses import LossFn, batch_sums
+from nemotron_jax.models import lora
 
-ApplyFn = Callable[[Any, dict], jax.Array]
+# (params, batch) -> outputs; (params, batch, rng) -> outputs when the step draws dropout.
+ApplyFn = Callable[..., jax.Array]
 
 
-def _sums(apply_fn: ApplyFn, loss_fn: LossFn, params, batch):
+def _sums(apply_fn: ApplyFn, loss_fn: LossFn, params, batch, rng=None):
     """(Σ loss, {"loss": (Σ loss, Σ weight), metric: (weighted sum, weight sum)})."""
-    outputs = apply_fn(params, batch)
+    outputs = apply_fn(params, batch) if rng is None else apply_fn(params, batch, rng)
     sums = batch_sums(*loss_fn(outputs, batch), batch.get("example_weight"))
     return sums["loss"][0], sums
 
@@ -45,41 +46,67 @@ def _micro_batches(batch: dict, n: int) -> dict:
 
 
 def make_train_step(
-    apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int = 1
+    apply_fn: ApplyFn,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    grad_accum: int = 1,
+    *,
+    adapters_only: bool = False,
+    dropout_seed: int | None = None,
 ):
     """`step(state, batch) -> (state, metrics)` with state {"step", "params", "opt_state"} and
     metrics {name: (sum, weight)} (see `finish_metrics`); metrics["nonfinite"] is 1 when the
-    loss or the gradient norm was not finite, and the update was then not applied."""
-    grad_fn = jax.value_and_grad(lambda p, b: _sums(apply_fn, loss_fn, p, b), has_aux=True)
+    loss or the gradient norm was not finite, and the update was then not applied.
+
+    With `adapters_only` (LoRA) the gradient, the optimizer state and the update cover only the
+    `lora.split` trainable leaves (adapters and reward heads): the base is a constant of the
+    step, so no gradient or moment of its size exists. `dropout_seed` draws the adapters'
+    dropout from fold_in(PRNGKey(seed), step) (and the micro-batch index), so a resumed run
+    draws the same masks; `apply_fn` then takes the key as a third argument.
+    """
+
+    def objective(trainable, frozen, batch, rng):
+        params = lora.combine(trainable, frozen) if adapters_only else trainable
+        return _sums(apply_fn, loss_fn, params, batch, rng)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(state, batch):
-        params = state["params"]
+        trainable, frozen = lora.split(state["params"]) if adapters_only else (state["params"], {})
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state["step"])
         if grad_accum == 1:
-            (_, sums), grads = grad_fn(params, batch)
+            (_, sums), grads = grad_fn(trainable, frozen, batch, rng)
         else:
             micro = _micro_batches(batch, grad_accum)
+            index = jnp.arange(grad_accum)
 
-            def body(carry, mb):
-                return jax.tree.map(jnp.add, carry, grad_fn(params, mb)), None
+            def body(carry, xs):
+                mb, i = xs
+                mb_rng = None if rng is None else jax.random.fold_in(rng, i)
+                return jax.tree.map(jnp.add, carry, grad_fn(trainable, frozen, mb, mb_rng)), None
 
-            shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, trainable, frozen, first, rng)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            ((_, sums), grads), _ = jax.lax.scan(body, zeros, micro)
+            ((_, sums), grads), _ = jax.lax.scan(body, zeros, (micro, index))
         # A batch whose every example has weight 0 (e.g. only dropped ties) updates nothing.
         weight_sum = sums["loss"][1]
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
         grad_norm = _global_norm(grads)
         # A non-finite loss or gradient norm applies no update, so the state stays finite;
         # the loop reads the flag with the metrics and stops or counts the skip
         # (config.nan_policy). One select per leaf, fused with the update.
         finite = jnp.isfinite(sums["loss"][0]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        kept = jax.tree.map(keep, new_trainable, trainable)
         new_state = {
             "step": state["step"] + 1,
-            "params": jax.tree.map(keep, new_params, params),
+            "params": lora.combine(kept, frozen) if adapters_only else kept,
             "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
         }
         metrics = {
@@ -87,7 +114,7 @@ def make_train_step(
             "grad_norm": (grad_norm, jnp.ones(())),
             "nonfinite": (1.0 - finite.astype(jnp.float32), jnp.ones(())),
         }
-        lost = lost_updates(params, updates, new_params)
+        lost = lost_updates(trainable, updates, new_trainable)
         if lost is not None:
             metrics["lost_update_fraction"] = lost
         return new_state, metrics

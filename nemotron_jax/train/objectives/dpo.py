@@ -38,6 +38,7 @@ from nemotron_jax import artifact, distributed, sharding
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.losses import get_loss
 from nemotron_jax.losses.dpo import response_logprobs
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import Llama
 from nemotron_jax.train.objective import (
     DataBundle,
@@ -63,19 +64,37 @@ def reference_path(config) -> str:
 
 
 class ReferenceScorer:
-    """The frozen reference on the mesh: summed response log-probs [N, 2] of pair examples."""
+    """The frozen reference on the mesh: summed response log-probs [N, 2] of pair examples.
+
+    With `adapters_off` (a LoRA run whose reference stays resident) nothing is loaded: the
+    reference is the policy's own params with its adapters off, passed to `score_batch`.
+    """
 
     def __init__(
-        self, path: str, mcfg, mesh, rules, batch_size: int, implementation: str, progress=True
+        self,
+        path: str,
+        mcfg,
+        mesh,
+        rules,
+        batch_size: int,
+        implementation: str,
+        progress=True,
+        adapters_off: bool = False,
     ):
-        self.params = artifact.load_frozen(path, mcfg, mesh, rules, what="the DPO reference policy")
+        self.params = None
+        if not adapters_off:  # the base weights (a LoRA checkpoint's adapters merged)
+            self.params = artifact.load_frozen(
+                path, mcfg, mesh, rules, what="the DPO reference policy"
+            )
         self.path, self.mesh, self.rules, self.batch_size = path, mesh, rules, batch_size
         self.progress = progress and distributed.is_primary()
         self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-        module = Llama(mcfg)
+        module = Llama(mcfg if adapters_off else lora.base_config(mcfg))
 
         def score(params, batch):
             b, _, t = batch["tokens"].shape
+            if adapters_off:
+                params = lora.adapters_off(params)
             outputs = module.apply(
                 {"params": params},
                 batch["tokens"].reshape(b * 2, t),
@@ -86,11 +105,13 @@ class ReferenceScorer:
 
         self._score = jax.jit(score, out_shardings=self.batch_sharding)
 
-    def score_batch(self, batch: dict[str, Any]) -> jax.Array:
-        """[B, 2] float32, a global array on the batch sharding, for a global batch."""
+    def score_batch(self, batch: dict[str, Any], policy_params=None) -> jax.Array:
+        """[B, 2] float32, a global array on the batch sharding, for a global batch;
+        `policy_params`: the policy's (with `adapters_off`)."""
         keys = ("tokens", "attention_mask", "loss_mask")
+        params = self.params if self.params is not None else policy_params
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._score(self.params, {k: batch[k] for k in keys})
+            return self._score(params, {k: batch[k] for k in keys})
 
     def score_all(self, encoded, desc: str) -> np.ndarray:
         """[N, 2] float32 for every example of an `EncodedDataset`, in order, in every process."""
@@ -207,7 +228,7 @@ class ResidentReferenceSource:
         out = []
         for local in batches:
             batch = distributed.global_batch(local, self.scorer.batch_sharding)
-            batch["reference_logprobs"] = self.scorer.score_batch(batch)
+            batch["reference_logprobs"] = self.scorer.score_batch(batch, params)
             out.append(batch)
         return out, metrics
 
@@ -220,23 +241,26 @@ class ResidentReferenceSource:
 
 def _data(config, mcfg, mesh, rules, workdir) -> DataBundle:
     path = reference_path(config)  # first: a run without a reference fails before any work
+    resident = config.dpo.reference == "resident"
     mesh = sharding.make_mesh(tuple(config.mesh)) if mesh is None else mesh
     rules = sharding.DEFAULT_RULES if rules is None else rules
+    # LoRA: the resident reference is the trained policy with its adapters off.
+    adapters_off = resident and mcfg.lora_rank > 0
+    scorer_args = (mesh, rules, config.eval_batch_size, config.loss.logprobs_impl)
     scorer = ReferenceScorer(
-        path,
-        mcfg,
-        mesh,
-        rules,
-        config.eval_batch_size,
-        config.loss.logprobs_impl,
-        progress=config.progress,
+        path, mcfg, *scorer_args, progress=config.progress, adapters_off=adapters_off
     )
-    resident = config.dpo.reference == "resident"
 
     def prepare(splits_):
         if resident:  # only the validation pairs are scored ahead; training batches as they come
-            values = scorer.score_all(splits_.validation, "reference log-probs (validation)")
+            # (before the policy exists: with LoRA, by the base loaded for this pass alone)
+            ahead = scorer
+            if adapters_off:
+                ahead = ReferenceScorer(path, mcfg, *scorer_args, progress=config.progress)
+            values = ahead.score_all(splits_.validation, "reference log-probs (validation)")
             _attach(splits_.validation, values)
+            if ahead is not scorer:
+                ahead.release()
             return
         values = _precomputed(config, scorer, splits_, workdir)
         _attach(splits_.train, values["train"])

@@ -24,6 +24,7 @@ import optax
 from nemotron_jax import artifact
 from nemotron_jax.artifact import NUMERIC_FIELDS
 from nemotron_jax.losses import get_loss
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import LlamaConfig
 from nemotron_jax.models.reward import ActorCritic
 from nemotron_jax.optim import make_optimizer
@@ -76,13 +77,14 @@ class PPOObjective(Objective):
 
 def critic_architecture(config, policy_config: LlamaConfig) -> tuple[LlamaConfig, int]:
     """The critic's architecture and head size: the reward model's (config.rm_from), in the
-    run's numerics; the policy's and config.model.num_attributes when no reward model is on
-    disk yet (an ahead-of-time plan)."""
+    run's numerics and LoRA adapters; the policy's and config.model.num_attributes when no
+    reward model is on disk yet (an ahead-of-time plan)."""
     path = config.rm_from
     if not path or path == reinforce.RANDOM or path.startswith("@") or not os.path.exists(path):
         return policy_config, config.model.num_attributes
     rm = artifact.load(path, kind="reward_model", restore=False)
-    numerics = {k: getattr(policy_config, k) for k in NUMERIC_FIELDS}
+    # The run's numerics, and its LoRA adapters: with LoRA the critic trains adapters too.
+    numerics = {k: getattr(policy_config, k) for k in NUMERIC_FIELDS | lora.ADAPTER_FIELDS}
     return dataclasses.replace(rm.config, **numerics), rm.num_attributes
 
 

@@ -1,0 +1,143 @@
+"""LoRA adapters on a frozen base: which leaves train, merging, and the base with adapters off.
+
+The adapters themselves are part of the Llama math (`models.llama.projection`): a config with
+`lora_rank > 0` gives each targeted projection `<proj>_lora_a` [L, *in, R] and
+`<proj>_lora_b` [L, R, *out] beside its weight. Everything here works on plain params trees
+of any model built from Llama layers (an LM, a reward model, PPO's {"policy", "critic"}).
+
+    trainable, frozen = split(params)        # adapters (and reward heads) | the base
+    params = combine(trainable, frozen)
+    reference = adapters_off(params)          # exactly the base model, same module
+    plain = merge(params, config)             # W + (alpha / R) A @ B; for `base_config(config)`
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from nemotron_jax.models.llama import LlamaConfig
+
+ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+# Heads trained from scratch (or from the reward model) alongside the adapters.
+HEAD_KEYS = ("reward_head",)
+# The LlamaConfig fields that describe adapters, not the base model.
+ADAPTER_FIELDS = frozenset({"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"})
+
+
+def _name(key) -> str:
+    return str(getattr(key, "key", key))
+
+
+def is_adapter(path: tuple) -> bool:
+    return _name(path[-1]).endswith(ADAPTER_SUFFIXES)
+
+
+def is_trainable(path: tuple) -> bool:
+    """An adapter leaf, or a leaf of a head that trains with them."""
+    return is_adapter(path) or any(_name(k) in HEAD_KEYS for k in path)
+
+
+def has_adapters(params) -> bool:
+    return any(is_adapter(p) for p in traverse_util.flatten_dict(params))
+
+
+def split(params) -> tuple[dict, dict]:
+    """(trainable, frozen): two nested dicts with the leaves of each kind (see `is_trainable`).
+    The leaves may be arrays, `ShapeDtypeStruct`s or boxed `nn.LogicallyPartitioned`."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {p: v for p, v in flat.items() if is_trainable(p)}
+    frozen = {p: v for p, v in flat.items() if not is_trainable(p)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable, frozen) -> dict:
+    """The inverse of `split`."""
+    flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)}
+    return traverse_util.unflatten_dict(flat)
+
+
+def adapters_off(params) -> dict:
+    """`params` with every B matrix zeroed: the same module then computes the base model
+    exactly (the adapter term is 0 * anything), so a LoRA run's reference policy needs no
+    second copy of the weights."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {p: jnp.zeros_like(v) if _name(p[-1]).endswith("_lora_b") else v for p, v in flat.items()}
+    )
+
+
+def base_config(config: LlamaConfig) -> LlamaConfig:
+    """`config` without adapters."""
+    return config.replace(lora_rank=0)
+
+
+def adapter_scale(config: LlamaConfig) -> float:
+    return config.lora_alpha / config.lora_rank
+
+
+def merge(params, config: LlamaConfig) -> dict:
+    """The params of `base_config(config)`: each adapted weight becomes W + (alpha / R) A @ B
+    (computed in float32, stored in W's dtype) and the adapter leaves are dropped."""
+    flat = traverse_util.flatten_dict(params)
+    out = {p: v for p, v in flat.items() if not is_adapter(p)}
+    scale = adapter_scale(config) if config.lora_rank else 0.0
+    for path in flat:
+        if not _name(path[-1]).endswith("_lora_a"):
+            continue
+        w_path = path[:-1] + (path[-1][: -len("_lora_a")],)
+        w, a = flat[w_path], flat[path]
+        b = flat[path[:-1] + (w_path[-1] + "_lora_b",)]
+        out[w_path] = merged_weight(w, a, b, scale)
+    return traverse_util.unflatten_dict(out)
+
+
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W [L, *in, *out] + scale * A [L, *in, R] @ B [L, R, *out], in W's dtype."""
+    layers, rank = a.shape[0], a.shape[-1]
+    a2 = jnp.asarray(a, jnp.float32).reshape(layers, -1, rank)
+    b2 = jnp.asarray(b, jnp.float32).reshape(layers, rank, -1)
+    delta = jnp.einsum("lir,lro->lio", a2, b2).reshape(w.shape)
+    return (jnp.asarray(w, jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def count(params) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable, frozen = split(params)
+    size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    return size(trainable), size(trainable) + size(frozen)
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_scale(ckpt_dir: str) -> float:
+    from nemotron_jax import artifact
+
+    config = artifact.load(ckpt_dir, restore=False).config
+    return adapter_scale(config) if config.lora_rank else 0.0
+
+
+def read_merged_leaf(ckpt_dir, leaf_path: tuple[str, ...], index: int | None) -> np.ndarray:
+    """One leaf, or layer slice `leaf[index]`, of the plain model a params checkpoint computes:
+    a weight the checkpoint adapts comes merged (in float32, returned in its stored dtype).
+    What streamed exports and ExPO read, one slice at a time."""
+    from nemotron_jax import checkpoint
+
+    w = checkpoint.read_leaf(ckpt_dir, leaf_path, index)
+    a_path = leaf_path[:-1] + (leaf_path[-1] + "_lora_a",)
+    if a_path not in checkpoint.saved_leaves(ckpt_dir):
+        return w
+    a = checkpoint.read_leaf(ckpt_dir, a_path, index)
+    b = checkpoint.read_leaf(ckpt_dir, leaf_path[:-1] + (leaf_path[-1] + "_lora_b",), index)
+    if index is not None:  # one layer's slice: give it the layer axis
+        a, b = a[None], b[None]
+    layers, rank = a.shape[0], a.shape[-1]
+    a2 = a.astype(np.float32).reshape(layers, -1, rank)
+    b2 = b.astype(np.float32).reshape(layers, rank, -1)
+    delta = np.einsum("lir,lro->lio", a2, b2).reshape(w.shape)
+    scale = np.float32(_saved_scale(os.fspath(ckpt_dir)))
+    return (w.astype(np.float32) + scale * delta).astype(w.dtype)
