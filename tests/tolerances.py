@@ -38,3 +38,7 @@ KV_CACHE_F32 = 1e-5
 # Measured: cosine 0.9934, norm ratio 0.987.
 MIXED_PRECISION_UPDATE_COSINE = 0.05
 MIXED_PRECISION_UPDATE_NORM = 0.05
+# LoRA adapters merged into their weights (W + (alpha / R) A @ B, float32) against the unmerged
+# forward (x @ W + (x @ A) @ B * alpha / R): the same sums, rounded in another order. Measured max
+# 3.7e-7 on O(1) logits of the tiny model with every projection adapted.
+LORA_MERGE_F32 = 1e-5

@@ -145,9 +145,9 @@ def save_adapter(
     return out_dir
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The LlamaConfig LoRA fields of a PEFT adapter directory; one-line errors for what our
-    adapters cannot represent."""
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(the LlamaConfig LoRA fields, PEFT's task_type) of a PEFT adapter directory; one-line
+    errors for what our adapters cannot represent."""
     path = Path(adapter_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{adapter_dir}: no {CONFIG_FILE}; not a PEFT adapter directory")
@@ -169,12 +169,13 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise CheckpointError(f"{path}: target_modules {unknown} are not Llama projections")
     order = [t for t in MODULE_OF if t in targets]  # a set in PEFT: any order
-    return {
+    fields = {
         "lora_rank": int(c["r"]),
         "lora_alpha": float(c["lora_alpha"]),
         "lora_targets": tuple(order),
         "lora_dropout": float(c.get("lora_dropout") or 0.0),
     }
+    return fields, c.get("task_type") or "CAUSAL_LM"
 
 
 def adapter_reader(config: LlamaConfig, adapter_dir: str | os.PathLike) -> Reader:

@@ -127,7 +127,6 @@ _RANGES = {
     "dpo.label_smoothing": (0, True),
     "dpo.sft_weight": (0, True),
     "dpo.strength_scale": (0, False),
-    "lora.rank": (0, True),
     "lora.alpha": (0, False),
     "lora.dropout": (0, True),
 }
@@ -222,7 +221,26 @@ def _check_lora(config) -> None:
             f"config.lora.targets {list(targets)}: {unknown or 'none given'}; each must be one of "
             f"the projections {list(LORA_TARGETS)}"
         )
+    if lora.rank < 0:
+        raise ConfigError(f"config.lora.rank is {lora.rank}; it must be > 0 (or 0: no LoRA)")
     if not lora.rank:
+        from nemotron_jax.models.llama import LlamaConfig
+
+        default = LlamaConfig()
+        changed = [
+            key
+            for key, value, off in (
+                ("targets", targets, default.lora_targets),
+                ("alpha", lora.alpha, default.lora_alpha),
+                ("dropout", lora.dropout, default.lora_dropout),
+            )
+            if value != off
+        ]
+        if changed:
+            raise ConfigError(
+                f"config.lora.{changed[0]} is set but config.lora.rank is 0 (LoRA off): give "
+                f"the rank (lora=RANK, or --config.lora.rank=RANK), which must be > 0"
+            )
         return
     with_reference = config.objective in ("dpo", "reinforce", "ppo")
     if with_reference and config.reference_from and config.reference_from != config.init_from:
