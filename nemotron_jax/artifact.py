@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from nemotron_jax import checkpoint
 from nemotron_jax.errors import CheckpointError, ConfigError
@@ -147,7 +148,7 @@ class ModelArtifact:
 
         flat = traverse_util.flatten_dict(restored)
         mesh = flat[adapted[0]].sharding.mesh
-        names = [p[:-1] + (p[-1] + suffix,) for p in adapted for suffix in lora.ADAPTER_SUFFIXES]
+        names = [p[:-1] + (p[-1] + suffix,) for p in adapted for suffix in lora.ADAPTER_ENDINGS]
         abstract = traverse_util.unflatten_dict({n: jax.ShapeDtypeStruct(*saved[n]) for n in names})
         replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
         adapters = traverse_util.flatten_dict(
@@ -156,7 +157,7 @@ class ModelArtifact:
         scale = lora.adapter_scale(self.config)
         for p in adapted:
             w = flat[p]
-            a, b = (adapters[p[:-1] + (p[-1] + suffix,)] for suffix in lora.ADAPTER_SUFFIXES)
+            a, b = (adapters[p[:-1] + (p[-1] + suffix,)] for suffix in lora.ADAPTER_ENDINGS)
             flat[p] = jax.jit(lora.merged_weight, static_argnums=3, out_shardings=w.sharding)(
                 w, a, b, scale
             )
@@ -326,3 +327,29 @@ def copy_tokenizer(src, dst) -> None:
     params (for params derived from it, e.g. by ExPO)."""
     if (Path(src) / TOKENIZER_FILE).exists():
         shutil.copyfile(Path(src) / TOKENIZER_FILE, Path(dst) / TOKENIZER_FILE)
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_scale(ckpt_dir: str) -> float:
+    config = load(ckpt_dir, restore=False).config
+    return lora.adapter_scale(config) if config.lora_rank else 0.0
+
+
+def read_merged_leaf(ckpt_dir, leaf_path: tuple[str, ...], index: int | None) -> np.ndarray:
+    """One leaf, or layer slice `leaf[index]`, of the plain model a params checkpoint computes:
+    a weight the checkpoint adapts comes merged (in float32, returned in its stored dtype).
+    What streamed exports and ExPO read, one slice at a time."""
+    w = checkpoint.read_leaf(ckpt_dir, leaf_path, index)
+    a_path = leaf_path[:-1] + (leaf_path[-1] + "_lora_a",)
+    if a_path not in checkpoint.saved_leaves(ckpt_dir):
+        return w
+    a = checkpoint.read_leaf(ckpt_dir, a_path, index)
+    b = checkpoint.read_leaf(ckpt_dir, leaf_path[:-1] + (leaf_path[-1] + "_lora_b",), index)
+    if index is not None:  # one layer's slice: give it the layer axis
+        a, b = a[None], b[None]
+    layers, rank = a.shape[0], a.shape[-1]
+    a2 = a.astype(np.float32).reshape(layers, -1, rank)
+    b2 = b.astype(np.float32).reshape(layers, rank, -1)
+    delta = np.einsum("lir,lro->lio", a2, b2).reshape(w.shape)
+    scale = np.float32(_saved_scale(os.fspath(ckpt_dir)))
+    return (w.astype(np.float32) + scale * delta).astype(w.dtype)

@@ -39,7 +39,7 @@ HEAD_KEY = artifact.HEAD_KEY["reward_model"]
 
 def _plain_leaves(ckpt_dir) -> dict[tuple[str, ...], tuple[tuple[int, ...], Any]]:
     """{leaf path: (shape, dtype)} of the checkpoint's plain model (LoRA adapters left out:
-    `lora.read_merged_leaf` folds them into their weights)."""
+    `artifact.read_merged_leaf` folds them into their weights)."""
     saved = checkpoint.saved_leaves(ckpt_dir)
     return {p: v for p, v in saved.items() if not lora.is_adapter(p)}
 
@@ -111,10 +111,10 @@ def extrapolate(
     a = np.float32(alpha)
 
     def fill(leaf_path: tuple[str, ...], index: int | None) -> np.ndarray:
-        tuned = lora.read_merged_leaf(tuned_dir, leaf_path, index)
+        tuned = artifact.read_merged_leaf(tuned_dir, leaf_path, index)
         if alpha == 0 or (not include_head and leaf_path[0] == HEAD_KEY):
             return tuned
-        base = lora.read_merged_leaf(base_dir, leaf_path, index)
+        base = artifact.read_merged_leaf(base_dir, leaf_path, index)
         t = tuned.astype(np.float32)
         out = t + a * (t - base.astype(np.float32))
         return out.astype(tuned.dtype)

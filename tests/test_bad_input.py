@@ -82,6 +82,7 @@ def fixtures(tmp_path_factory) -> dict[str, Path]:
                 "attention_impl": "auto",
                 "overrides": {},
             },
+            "lora": {"rank": 0, "alpha": 16.0, "targets": ("q_proj",), "dropout": 0.0},
             "data": {**data, "tokenizer": "", "template": "nemo", "max_len": 64},
             "seed": 0,
             "init_from": "random",

@@ -127,10 +127,18 @@ def test_tools_take_a_run_workdir(tmp_path):
     )  # fmt: skip
     model = {"preset": "tiny", "dtype": "float32", "param_dtype": "float32", "remat": "none",
              "num_attributes": 9, "attention_impl": "auto", "overrides": {}}  # fmt: skip
+    lora = {"rank": 0, "alpha": 16.0, "targets": ("q_proj",), "dropout": 0.0}
     workdirs = []
     for seed in (0, 1):
         config = ml_collections.ConfigDict(
-            {"model": model, "data": data, "seed": seed, "init_from": "", "rm_from": "random"}
+            {
+                "model": model,
+                "lora": lora,
+                "data": data,
+                "seed": seed,
+                "init_from": "",
+                "rm_from": "random",
+            }
         )
         workdir = tmp_path / f"run{seed}"
         path = write_random_models(config, workdir)["rm_from"]

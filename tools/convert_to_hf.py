@@ -155,7 +155,7 @@ def main() -> int:
     if config.lora_rank:
         from nemotron_jax.models import lora
 
-        read = lora.read_merged_leaf if args.merge_lora else read_leaf
+        read = artifact.read_merged_leaf if args.merge_lora else read_leaf
         config = lora.base_config(config)
     save_hf(
         args.out,

@@ -13,17 +13,13 @@ of any model built from Llama layers (an LM, a reward model, PPO's {"policy", "c
 
 from __future__ import annotations
 
-import functools
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from nemotron_jax.models.llama import LlamaConfig
 
-ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
+ADAPTER_ENDINGS = ("_lora_a", "_lora_b")
 # Heads trained from scratch (or from the reward model) alongside the adapters.
 HEAD_KEYS = ("reward_head",)
 # The LlamaConfig fields that describe adapters, not the base model.
@@ -35,7 +31,7 @@ def _name(key) -> str:
 
 
 def is_adapter(path: tuple) -> bool:
-    return _name(path[-1]).endswith(ADAPTER_SUFFIXES)
+    return _name(path[-1]).endswith(ADAPTER_ENDINGS)
 
 
 def is_trainable(path: tuple) -> bool:
@@ -111,33 +107,3 @@ def count(params) -> tuple[int, int]:
     trainable, frozen = split(params)
     size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
     return size(trainable), size(trainable) + size(frozen)
-
-
-@functools.lru_cache(maxsize=8)
-def _saved_scale(ckpt_dir: str) -> float:
-    from nemotron_jax import artifact
-
-    config = artifact.load(ckpt_dir, restore=False).config
-    return adapter_scale(config) if config.lora_rank else 0.0
-
-
-def read_merged_leaf(ckpt_dir, leaf_path: tuple[str, ...], index: int | None) -> np.ndarray:
-    """One leaf, or layer slice `leaf[index]`, of the plain model a params checkpoint computes:
-    a weight the checkpoint adapts comes merged (in float32, returned in its stored dtype).
-    What streamed exports and ExPO read, one slice at a time."""
-    from nemotron_jax import checkpoint
-
-    w = checkpoint.read_leaf(ckpt_dir, leaf_path, index)
-    a_path = leaf_path[:-1] + (leaf_path[-1] + "_lora_a",)
-    if a_path not in checkpoint.saved_leaves(ckpt_dir):
-        return w
-    a = checkpoint.read_leaf(ckpt_dir, a_path, index)
-    b = checkpoint.read_leaf(ckpt_dir, leaf_path[:-1] + (leaf_path[-1] + "_lora_b",), index)
-    if index is not None:  # one layer's slice: give it the layer axis
-        a, b = a[None], b[None]
-    layers, rank = a.shape[0], a.shape[-1]
-    a2 = a.astype(np.float32).reshape(layers, -1, rank)
-    b2 = b.astype(np.float32).reshape(layers, rank, -1)
-    delta = np.einsum("lir,lro->lio", a2, b2).reshape(w.shape)
-    scale = np.float32(_saved_scale(os.fspath(ckpt_dir)))
-    return (w.astype(np.float32) + scale * delta).astype(w.dtype)

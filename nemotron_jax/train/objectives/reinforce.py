@@ -14,6 +14,7 @@ import numpy as np
 from nemotron_jax import artifact
 from nemotron_jax.errors import CheckpointError, ConfigError
 from nemotron_jax.losses import get_loss
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import Llama
 from nemotron_jax.train.objective import DataBundle, Objective, model_config
 
@@ -92,7 +93,7 @@ def write_random_models(config, out_dir) -> dict[str, str]:
     from nemotron_jax.data.splits import configured_tokenizer
     from nemotron_jax.models.reward import RewardModel
 
-    mcfg = model_config(config)
+    mcfg = lora.base_config(model_config(config))  # plain models: a LoRA run adds its adapters
     tokenizer = configured_tokenizer(config.data)
     tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
     paths = {}
