@@ -34,6 +34,7 @@
 # `NOTEBOOK_SMOKE=1` shrinks everything to seconds (used by the test-suite).
 
 # %%
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,11 +43,12 @@ from pathlib import Path
 REPO = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "experiments").is_dir())
 sys.path.insert(0, str(REPO))
 
+import jax
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from experiments.configs import rm_ablation
+from experiments.configs import rm_ablation, rm_recipe
 from nemotron_jax import runtime
 from nemotron_jax.data import helpsteer2
 from nemotron_jax.data.pipeline import preference_splits
@@ -54,6 +56,9 @@ from nemotron_jax.data.splits import data_dir
 from nemotron_jax.eval import rewardbench
 from nemotron_jax.experiment import run_experiment
 from nemotron_jax.metrics import read_metrics
+from nemotron_jax.models import lora
+from nemotron_jax.models.reward import abstract_reward_params
+from nemotron_jax.train.objective import model_config
 
 runtime.configure_cpu()  # before the first computation: see nemotron_jax/runtime.py
 
@@ -139,6 +144,58 @@ plt.tight_layout()
 plt.show()
 for name, gaps in summary.items():
     print(f"{name:<32} mean gap by |s|: " + ", ".join(f"{m}: {g:+.2f}" for m, g in gaps.items()))
+
+# %% [markdown]
+# ## Full fine-tuning against LoRA
+# The paper's recipe (helpfulness regression, then Scaled BT from it, then ExPO) once more with
+# LoRA adapters on the attention projections (`rm_recipe.py:lora=8`, same data, steps and
+# rates): the base stays frozen and only the adapters and the reward head train. Its rows sit
+# under the full fine-tuning rows of the same three models from the ablation above.
+
+# %%
+LORA_RANK = 8
+lora_config = rm_recipe.get_config(",".join(a for a in (args, f"lora={LORA_RANK}") if a))
+for stage in lora_config.stages.values():
+    stage.progress = False
+LORA_WORKDIR = WORKDIR.with_name(f"{WORKDIR.name}_lora{LORA_RANK}")
+lora_results = run_experiment(lora_config, str(LORA_WORKDIR))
+
+
+def trainable_params(stage_config) -> tuple[int, int]:
+    """(trained, total) parameter counts of a stage's reward model, from shapes alone."""
+    shapes = abstract_reward_params(model_config(stage_config), stage_config.model.num_attributes)
+    total = sum(x.size for x in jax.tree.leaves(shapes))
+    return (lora.count(shapes)[0] if stage_config.lora.rank else total), total
+
+
+def wall_time(stage_dir: Path) -> str:
+    wall = stage_dir / "wall_time.json"
+    return f"{json.loads(wall.read_text())['seconds']:.0f}" if wall.exists() else ""
+
+
+same_models = [  # (model, ablation stage, recipe stage)
+    ("Regression (helpfulness)", "1_regression_helpfulness", "1_regression"),
+    ("Scaled BT from regression", "3_scaled_bt_from_regression", "2_scaled_bt"),
+    ("Scaled BT + ExPO", "3_expo", "3_expo"),
+]
+lines = [
+    "| training | model | overall | trained parameters | wall time (s) |",
+    "|---|---|---:|---:|---:|",
+]
+for group, run_results, run_config, run_dir, column in (
+    ("Full fine-tuning", results, config, WORKDIR, 1),
+    (f"LoRA r={LORA_RANK}", lora_results, lora_config, LORA_WORKDIR, 2),
+):
+    for row in same_models:
+        stage = row[column]
+        score = 100 * run_results["evaluation"][stage]
+        trained = "none (weights extrapolated)"
+        if stage in run_config.stages:
+            n, total = trainable_params(run_config.stages[stage])
+            trained = f"{n:,} of {total:,} ({100 * n / total:.2f}%)"
+        wall = wall_time(run_dir / stage)
+        lines.append(f"| {group} | {row[0]} | {score:.1f} | {trained} | {wall} |")
+display(Markdown("\n".join(lines)))
 
 # %% [markdown]
 # ## Conclusion

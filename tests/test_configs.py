@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import pytest
 
@@ -47,6 +48,21 @@ def test_config_builds_and_state_eval_shapes(name, arg):
             assert n > 69e9  # 70.6B less the LM head for reward models
             # float32 master weights and Adam moments, bf16 compute
             assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "float32")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_lora_at_real_size_keeps_the_frozen_base_in_bf16_and_trains_float32_adapters(name):
+    from flax import traverse_util
+
+    for config in _configs(name, "model=llama3.1-70b,lora=16"):
+        assert config.lora.rank == 16
+        assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "bfloat16")
+        params = nn.unbox(jax.eval_shape(objectives.build(config).init, jax.random.PRNGKey(0)))
+        dtypes = {p[-1]: x.dtype for p, x in traverse_util.flatten_dict(params).items()}
+        assert dtypes["q_proj_lora_a"] == dtypes["o_proj_lora_b"] == jax.numpy.float32
+        assert dtypes["q_proj"] == jax.numpy.bfloat16
+    for config in _configs(name, "smoke,lora=4"):  # smoke runs stay float32 throughout
+        assert config.lora.rank == 4 and config.model.param_dtype == "float32"
 
 
 def test_unknown_arg_is_rejected():

@@ -14,6 +14,7 @@ import pytest
 
 from experiments.configs import reinforce, rm_bt, rm_regression, sft
 from nemotron_jax import sharding
+from nemotron_jax.models import lora
 from nemotron_jax.train import objectives
 from nemotron_jax.train.loop import build_training
 from nemotron_jax.train.plan import GiB, hlo_summary, levers, parse_bytes, plan
@@ -33,9 +34,10 @@ def _device0_bytes(tree) -> int:
     return total
 
 
+@pytest.mark.parametrize("rank", [0, 4])
 @pytest.mark.parametrize("mesh_shape", MESHES)
-def test_state_bytes_equal_the_real_sharded_state(mesh_shape):
-    config = rm_bt.get_config("smoke")
+def test_state_bytes_equal_the_real_sharded_state(mesh_shape, rank):
+    config = rm_bt.get_config(f"smoke,lora={rank}")
     figures = plan(config, mesh_shape, 80 * GiB)
 
     mesh = sharding.make_mesh(mesh_shape)
@@ -49,7 +51,14 @@ def test_state_bytes_equal_the_real_sharded_state(mesh_shape):
     assert figures["per_device"]["params"] == _device0_bytes(real_params)
     assert figures["per_device"]["params"] == _device0_bytes(state["params"])
     assert figures["per_device"]["optimizer"] == _device0_bytes(state["opt_state"])
-    assert figures["per_device"]["gradients"] == figures["per_device"]["params"]
+    # Gradients of what trains: every leaf, or with LoRA the adapters and the reward head.
+    trainable = lora.split(state["params"])[0] if rank else state["params"]
+    assert figures["per_device"]["gradients"] == _device0_bytes(trainable)
+    if rank:
+        a = figures["lora"]
+        assert a["rank"] == rank
+        assert (a["trainable_params"], a["total_params"]) == lora.count(state["params"])
+        assert figures["per_device"]["optimizer"] < figures["per_device"]["params"] / 4
     # The compiled program's arguments are this state plus the batch; its total holds them.
     assert figures["per_device"]["total"] >= _device0_bytes(state)
     assert figures["fits"] and figures["levers"] == []
@@ -127,6 +136,18 @@ def test_reinforce_plan_adds_the_frozen_models_and_the_cache():
     assert d["kv_cache"] > 0 and d["reward_model"] > 0
     assert d["total"] == max(figures["phases"].values())
     assert figures["phases"]["update"] >= d["reference"] + d["reward_model"] + d["params"]
+
+
+def test_reinforce_plan_with_lora_has_no_reference_copy():
+    full = plan(reinforce.get_config("smoke"), (1, 8, 1), 80 * GiB)["per_device"]
+    figures = plan(reinforce.get_config("smoke,lora=4"), (1, 8, 1), 80 * GiB)
+    d = figures["per_device"]
+    assert d["reference"] == 0  # the policy's base with its adapters off
+    assert d["reward_model"] == full["reward_model"]  # a plain reward model, as it is loaded
+    assert d["params"] > full["params"] and d["optimizer"] < full["optimizer"] / 4
+    assert figures["phases"]["rollout"] == (
+        d["params"] + d["optimizer"] + d["reward_model"] + d["kv_cache"] + d["sampler_weights"]
+    )
 
 
 def test_hlo_summary_counts_loop_bodies_by_trip_count():
@@ -243,6 +264,10 @@ def test_levers_name_the_larger_part_first():
     huge = levers(_figures(params=30 * GiB, temporary=200 * GiB, remat="full",
                            micro_batch_per_device=1))  # fmt: skip
     assert huge[0].startswith("shorter sequences")
+    # LoRA drops the optimizer state and gradients: 30 + 40 - 60 - 30 GiB; not offered twice.
+    assert state_bound[-1].startswith("LoRA: lora=16") and "about 40.0 GiB" in state_bound[-1]
+    lora_run = levers(_figures(params=30 * GiB, temporary=40 * GiB, lora={"rank": 16}))
+    assert not any(x.startswith("LoRA") for x in lora_run)
 
 
 def test_tool_names_a_lever_when_it_does_not_fit():

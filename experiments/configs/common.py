@@ -245,6 +245,15 @@ def real_model(c: ml_collections.ConfigDict, model: str) -> None:
         c.batch_size = c.eval_batch_size = 128
 
 
+def lora(c: ml_collections.ConfigDict, rank: int) -> None:
+    """LoRA of `rank` (0: off). At real sizes the frozen base is then kept in bf16: it takes no
+    updates, so float32 master weights would only double its memory; the adapters and heads
+    that train stay float32 whatever `param_dtype` is."""
+    c.lora.rank = rank
+    if rank and c.model.preset != "tiny":
+        c.model.param_dtype = "bfloat16"
+
+
 def smoke(c: ml_collections.ConfigDict) -> None:
     """Shrinks any config to seconds on a laptop CPU: the tiny model on a small slice of the
     same data (never other data): 200 generated prompts for the synthetic set, else the first

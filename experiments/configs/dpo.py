@@ -53,7 +53,7 @@ def get_config(arg=None):
         c.optim.warmup_steps = 10
         c.num_steps = 60  # ~7.7k training pairs without ties at batch 128: one epoch
         c.eval_every = c.checkpoint_every = 20
-    c.lora.rank = a.lora
+    common.lora(c, a.lora)
     if a.smoke:
         common.smoke(c)
         if not a.policy:  # a random tiny policy, written at start

@@ -29,7 +29,13 @@ def get_config(arg=None):
         normalize="sequence",
         smoke=False,
     )
-    passed = {"policy": a.policy, "rm": a.rm, "reward_fn": a.reward_fn, "model": a.model}
+    passed = {
+        "policy": a.policy,
+        "rm": a.rm,
+        "reward_fn": a.reward_fn,
+        "model": a.model,
+        "lora": a.lora or "",
+    }
     passed |= {"data": a.data, "k": a.k}
     arg = ",".join(f"{key}={value}" for key, value in passed.items() if value not in ("", None))
     c = reinforce.get_config(arg + (",smoke" if a.smoke else ""))
@@ -43,5 +49,4 @@ def get_config(arg=None):
     c.rl.normalize = a.normalize
     c.rl.baseline = "rloo_all"  # every sample counts in its group (read by rloo only)
     c.rl.truncated = "keep"  # GRPO trains on truncated samples too
-    c.lora.rank = a.lora
     return c

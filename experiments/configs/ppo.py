@@ -34,7 +34,14 @@ def get_config(arg=None):
         critic_lr=0.0,
         smoke=False,
     )
-    passed = {"policy": a.policy, "rm": a.rm, "model": a.model, "data": a.data, "beta": a.beta}
+    passed = {
+        "policy": a.policy,
+        "rm": a.rm,
+        "model": a.model,
+        "lora": a.lora or "",
+        "data": a.data,
+        "beta": a.beta,
+    }
     arg = ",".join(f"{key}={value}" for key, value in passed.items() if value not in ("", None))
     c = reinforce.get_config(arg + (",smoke" if a.smoke else ""))
     c.name = c.objective = "ppo"
@@ -51,5 +58,4 @@ def get_config(arg=None):
     c.critic_optim.lr = a.critic_lr or 3 * c.optim.lr
     if a.smoke and not a.policy:
         c.rm_from = c.rm_from or "random"
-    c.lora.rank = a.lora
     return c

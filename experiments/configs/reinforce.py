@@ -67,7 +67,7 @@ def get_config(arg=None):
         c.num_steps = 313
         if a.model != "llama3.1-8b":  # a gathered 70B policy alone is 141 GB of bf16
             c.rl.sampler_weights = "per_step"
-    c.lora.rank = a.lora
+    common.lora(c, a.lora)
     if a.smoke:
         common.smoke(c)
         c.rl.prompts_per_step = 4

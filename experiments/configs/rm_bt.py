@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.init_from = a.init_from
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
-    c.lora.rank = a.lora
+    common.lora(c, a.lora)
     if a.smoke:
         common.smoke(c)
     return c

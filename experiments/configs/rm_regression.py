@@ -23,7 +23,7 @@ def get_config(arg=None):
         c.num_steps, c.optim.lr = 317, 2e-6
     if a.data:
         c.data.source, c.data.dir = "dir", a.data
-    c.lora.rank = a.lora
+    common.lora(c, a.lora)
     if a.smoke:
         common.smoke(c)
     return c

@@ -8,9 +8,10 @@ state and an abstract batch (`Objective.batch_spec`) and compiled; no parameter 
 and no data is read. Per device:
 
     params, optimizer   the state's shard sizes (the state is donated: its output aliases it)
-    gradients           a params-shaped tree in the param dtype, shard sizes; they live inside
-                        the step, so `temporary` already holds them: shown as their own line,
-                        not added again
+    gradients           a params-shaped tree in the param dtype, shard sizes (with LoRA, of the
+                        trainable leaves only: adapters and heads); they live inside the step,
+                        so `temporary` already holds them: shown as their own line, not added
+                        again
     temporary           memory_analysis().temp_size_in_bytes: the step's peak of live buffers
                         other than its arguments and outputs
     total               argument + output - alias + temporary (memory_analysis): state and
@@ -19,7 +20,8 @@ and no data is read. Per device:
 
 REINFORCE adds the frozen models that stay on the devices (the reference policy and the reward
 model, in the run's dtypes, as `train/rollouts.py` restores them) and, while sampling, the KV
-cache of the rollout batch and the sampler's copy of the policy's layer weights
+cache of the rollout batch and the sampler's copy of the policy's layer weights. With LoRA the
+reference is the policy's own base with the adapters off, so it adds nothing
 (`sampling.unstack_layers`). Its total is the larger of two phases: the update (the step's total
 plus the frozen models) and the rollout (state, frozen models, cache and weight copy).
 
@@ -40,6 +42,7 @@ import numpy as np
 
 from nemotron_jax import sharding
 from nemotron_jax.errors import ConfigError
+from nemotron_jax.models import lora
 from nemotron_jax.models.llama import LlamaConfig, abstract_params, init_cache
 from nemotron_jax.models.reward import abstract_reward_params
 from nemotron_jax.sampling import SAMPLER_WEIGHTS
@@ -209,16 +212,19 @@ def _kv_cache_bytes(model_config: LlamaConfig, batch: int, length: int, mesh, ru
 def _reinforce_resident(config, objective, mesh, rules, rm_preset: str | None):
     """Per-device bytes of what REINFORCE keeps beside the policy's state."""
     policy = objective.model_config
+    base = lora.base_config(policy)
     rm_config = (
-        policy
+        base
         if not rm_preset
         else LlamaConfig.preset(
             rm_preset, dtype=policy.dtype, param_dtype=policy.param_dtype, remat=policy.remat
         )
     )
-    reference = shard_bytes(
-        sharding.sharded_shapes(abstract_params(policy, boxed=True), mesh, rules)
-    )
+    reference = 0  # with LoRA: the policy's base, adapters off (`rollouts`), no second copy
+    if not policy.lora_rank:
+        reference = shard_bytes(
+            sharding.sharded_shapes(abstract_params(base, boxed=True), mesh, rules)
+        )
     reward_model = shard_bytes(
         sharding.sharded_shapes(
             abstract_reward_params(rm_config, config.model.num_attributes, boxed=True),
@@ -272,10 +278,12 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
     memory = compiled.memory_analysis()
     state = training.abstract_state
     params = shard_bytes(state["params"])
+    lora_rank = objective.model_config.lora_rank
+    trainable = lora.split(state["params"])[0] if lora_rank else state["params"]
     per_device = {
         "params": params,
         "optimizer": shard_bytes(state["opt_state"]),
-        "gradients": params,  # a params-shaped tree in the param dtype
+        "gradients": shard_bytes(trainable),  # a trainable-params-shaped tree, their dtypes
         "temporary": int(memory.temp_size_in_bytes),
         "total": int(
             memory.argument_size_in_bytes
@@ -318,6 +326,7 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
         "remat": config.model.remat,
         "param_dtype": config.model.param_dtype,
         "dtype": config.model.dtype,
+        "lora": None,
         "per_device": per_device,
         "phases": phases,
         "flops_per_step": flops * devices,
@@ -328,6 +337,14 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
         "hbm": int(hbm),
         "fits": per_device["total"] <= hbm,
     }
+    if lora_rank:
+        count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+        figures["lora"] = {
+            "rank": int(lora_rank),
+            "targets": list(objective.model_config.lora_targets),
+            "trainable_params": int(count(trainable)),
+            "total_params": int(count(state["params"])),
+        }
     figures["levers"] = [] if figures["fits"] else levers(figures)
     return figures
 
@@ -379,10 +396,14 @@ def levers(figures: dict[str, Any]) -> list[str]:
             "or sequence parallelism (not implemented yet): the [B, T, D] residual stream each "
             "layer saves is not sharded over fsdp or tensor"
         )
-    if activations <= sharded or rest >= hbm:
+    if not figures.get("lora") and (activations <= sharded or rest >= hbm):
+        # Adapters of rank 16 on the attention projections are well under 1% of the model:
+        # their optimizer state and gradients are left out of the estimate.
+        estimate = d["total"] - d["optimizer"] - d["gradients"] - d.get("reference", 0)
         out.append(
-            "LoRA (not implemented yet): train adapters only; the optimizer state and gradients "
-            "of the full model go away"
+            "LoRA: lora=16 (--config.lora.rank=16) trains adapters only; the optimizer state "
+            f"and gradients of the base{' and the reference' if 'reference' in d else ''} go "
+            f"away: about {gib(estimate)}"
         )
     return out
 
@@ -402,6 +423,15 @@ def format_report(figures: dict[str, Any]) -> str:
         f"{figures['grad_accum']} ({figures['micro_batch_per_device']} per device and "
         f"micro-batch), remat {figures['remat']}, params {figures['param_dtype']}, compute "
         f"{figures['dtype']}; compiled in {figures['compile_seconds']:.0f} s",
+    ]
+    if figures.get("lora"):
+        a = figures["lora"]
+        lines.append(
+            f"LoRA rank {a['rank']} on {', '.join(a['targets'])}: {a['trainable_params']:,} of "
+            f"{a['total_params']:,} parameters train "
+            f"({100 * a['trainable_params'] / a['total_params']:.2f}%)"
+        )
+    lines += [
         "per device:",
         f"  params          {gib(d['params'])}",
         f"  optimizer       {gib(d['optimizer'])}",
@@ -415,7 +445,10 @@ def format_report(figures: dict[str, Any]) -> str:
         ("sampler_weights", "sampler copy"),
     ):
         if key in d:
-            lines.append(f"  {label:<15} {gib(d[key])}")
+            why = (
+                "   (the base, adapters off)" if key == "reference" and figures.get("lora") else ""
+            )
+            lines.append(f"  {label:<15} {gib(d[key])}{why}")
     lines.append(f"  total           {gib(d['total'])}")
     if len(figures["phases"]) > 1:
         phases = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in figures["phases"].items())
