@@ -34,6 +34,7 @@ def test_reward_objectives_notebook_runs(tmp_path, monkeypatch):
     outputs = _execute("01_reward_objectives.py", tmp_path / "ablation", monkeypatch)
     assert "ExPO: best alpha on validation" in outputs
     assert "1. " in outputs  # the ranking cell printed
+    assert "| LoRA r=8 | Scaled BT + ExPO |" in outputs  # the full-FT vs LoRA row group
     assert (tmp_path / "ablation" / "results.md").exists()
 
 
