@@ -346,10 +346,6 @@ def read_merged_leaf(ckpt_dir, leaf_path: tuple[str, ...], index: int | None) ->
     a = checkpoint.read_leaf(ckpt_dir, a_path, index)
     b = checkpoint.read_leaf(ckpt_dir, leaf_path[:-1] + (leaf_path[-1] + "_lora_b",), index)
     if index is not None:  # one layer's slice: give it the layer axis
-        a, b = a[None], b[None]
-    layers, rank = a.shape[0], a.shape[-1]
-    a2 = a.astype(np.float32).reshape(layers, -1, rank)
-    b2 = b.astype(np.float32).reshape(layers, rank, -1)
-    delta = np.einsum("lir,lro->lio", a2, b2).reshape(w.shape)
-    scale = np.float32(_saved_scale(os.fspath(ckpt_dir)))
-    return (w.astype(np.float32) + scale * delta).astype(w.dtype)
+        w, a, b = w[None], a[None], b[None]
+    merged = np.asarray(lora.merged_weight(w, a, b, _saved_scale(os.fspath(ckpt_dir))))
+    return merged[0] if index is not None else merged

@@ -338,12 +338,12 @@ def plan(config, mesh_shape, hbm: int, *, rm_preset: str | None = None) -> dict[
         "fits": per_device["total"] <= hbm,
     }
     if lora_rank:
-        count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+        trained, total = lora.count(state["params"])
         figures["lora"] = {
             "rank": int(lora_rank),
             "targets": list(objective.model_config.lora_targets),
-            "trainable_params": int(count(trainable)),
-            "total_params": int(count(state["params"])),
+            "trainable_params": trained,
+            "total_params": total,
         }
     figures["levers"] = [] if figures["fits"] else levers(figures)
     return figures
