@@ -41,7 +41,7 @@ from nemotron_jax.metrics import MetricWriter
 from nemotron_jax.models import lora
 from nemotron_jax.optim import make_optimizer
 from nemotron_jax.train import objectives, settings
-from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step
+from nemotron_jax.train.steps import finish_metrics, make_eval_step, make_train_step, zero_sums
 from nemotron_jax.train.workdir import check_resume, record_config
 
 # Above this fraction of lost (rounded-away) 16-bit parameter updates the run warns, once.
@@ -353,7 +353,7 @@ def run(config, workdir: str) -> dict[str, float]:
 
         eval_step = jax.jit(
             make_eval_step(objective.apply, objective.loss),
-            in_shardings=(state_sharding["params"], batch_sharding),
+            in_shardings=(state_sharding["params"], batch_sharding, replicated),
             out_shardings=replicated,
         )
 
@@ -362,8 +362,11 @@ def run(config, workdir: str) -> dict[str, float]:
                 return data.evaluate(params)
             total = None
             for batch in data.eval_batches:  # whole batches: each process places its rows
-                sums = eval_step(params, distributed.put_global(batch, batch_sharding))
-                total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+                batch = distributed.put_global(batch, batch_sharding)
+                if total is None:
+                    zeros = zero_sums(objective.apply, objective.loss, params, batch)
+                    total = distributed.put_global(zeros, replicated)
+                total = eval_step(params, batch, total)
             return finish_metrics(distributed.fetch(total)) if total is not None else {}
 
         writer = MetricWriter(

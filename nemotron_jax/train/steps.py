@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nemotron_jax.losses import LossFn, batch_sums
@@ -143,12 +144,23 @@ def lost_updates(params, updates, new_params):
 
 
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn):
-    """`eval_step(params, batch) -> sums` to be added over a whole split, then `finish_metrics`."""
+    """`eval_step(params, batch, total) -> total + the batch's sums`, over a whole split from
+    `zero_sums`, then `finish_metrics`.
 
-    def eval_step(params, batch):
-        return _sums(apply_fn, loss_fn, params, batch)[1]
+    The running total goes through the step, so each batch's computation depends on the one
+    before: the batches run one after another rather than all at once, and the host dispatches
+    one computation per batch instead of one addition per metric leaf as well."""
+
+    def eval_step(params, batch, total):
+        return jax.tree.map(jnp.add, total, _sums(apply_fn, loss_fn, params, batch)[1])
 
     return eval_step
+
+
+def zero_sums(apply_fn: ApplyFn, loss_fn: LossFn, params, batch) -> dict:
+    """Zeros shaped like one batch's {name: (sum, weight)} (numpy; traced, not run)."""
+    shapes = jax.eval_shape(lambda p, b: _sums(apply_fn, loss_fn, p, b)[1], params, batch)
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def finish_metrics(total: dict) -> dict[str, float]:
