@@ -1,5 +1,4 @@
-"""Test setup: 8 fake CPU devices (set before JAX initialises), the programs' CPU settings,
-offline HF, compile cache."""
+"""Test setup: 8 fake CPU devices (set before JAX initialises), offline HF, compile cache."""
 
 import os
 
@@ -15,12 +14,6 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-from nemotron_jax import runtime  # noqa: E402
-
-# The host settings that experiments/run.py and the tools apply first thing: the tests run the
-# CPU client the way the programs do (single-device computations on the calling thread).
-runtime.configure_cpu()
 
 _CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _CACHE and os.environ.get("PYTEST_XDIST_WORKER"):

@@ -319,37 +319,64 @@ def run(config, workdir: str) -> dict[str, float]:
     #      position), if the config still describes the same run (`workdir.check_resume`);
     #   2. config.init_from: parameters only (an HF-converted backbone or an earlier model);
     #   3. from scratch.
+    #
+    # With LoRA a checkpoint holds the adapters, heads and optimizer state but not the frozen
+    # base (for a 70B base, 140 GB less per save): a resume rebuilds the base as step 0 built it
+    # (seed, then init_from) and checks its fingerprint against the one saved with the step.
+    adapters_only = objective.model_config.lora_rank > 0
+
+    def saved(tree):  # the part of the state (or its abstract shapes) that a checkpoint holds
+        return {**tree, "params": lora.split(tree["params"])[0]} if adapters_only else tree
+
+    def initial_state(announce: bool):
+        init_state = training.init_state
+        state = jax.jit(lambda: nn.unbox(init_state()), out_shardings=state_sharding)()
+        if config.init_from:
+            state["params"] = objective.load_init(
+                config.init_from,
+                state["params"],
+                state_sharding["params"],
+                init_head=config.init_head,
+            )
+            if primary and announce:
+                print(f"initialised parameters from {config.init_from}")
+        return state
+
     start = manager.latest_step()
     if start is not None:
         check_resume(workdir, config, start)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        base_fingerprint = None
         if start is not None:
-            start, restored = restore_intact(
-                manager,
-                ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                ),
+            items = dict(
+                state=ocp.args.StandardRestore(saved(abstract_state)), data=ocp.args.JsonRestore()
             )
+            if adapters_only:
+                items["base"] = ocp.args.JsonRestore()
+            start, restored = restore_intact(manager, ocp.args.Composite(**items))
             state = restored.state
+            if adapters_only:
+                frozen = lora.split(initial_state(announce=False)["params"])[1]
+                base_fingerprint = int(distributed.fetch(lora.fingerprint(frozen)))
+                if base_fingerprint != restored.base["fingerprint"]:
+                    raise ConfigError(
+                        f"config.init_from {config.init_from}: the frozen base differs from "
+                        f"the one that {workdir}/checkpoints step {start} was trained on "
+                        f"(LoRA checkpoints hold only the adapters and heads); give that base "
+                        f"back, or train in a new workdir"
+                    )
+                state = {**state, "params": lora.combine(state["params"], frozen)}
             source.set_state(restored.data)
             if primary:
                 print(f"resumed from {workdir}/checkpoints step {start}")
             record_config(workdir, config, start)
         else:
-            init_state = training.init_state
-            state = jax.jit(lambda: nn.unbox(init_state()), out_shardings=state_sharding)()
-            if config.init_from:
-                state["params"] = objective.load_init(
-                    config.init_from,
-                    state["params"],
-                    state_sharding["params"],
-                    init_head=config.init_head,
-                )
-                if primary:
-                    print(f"initialised parameters from {config.init_from}")
+            state = initial_state(announce=True)
             record_config(workdir, config, None)
             start = 0
+        if adapters_only and base_fingerprint is None:
+            frozen = lora.split(state["params"])[1]
+            base_fingerprint = int(distributed.fetch(lora.fingerprint(frozen)))
 
         eval_step = jax.jit(
             make_eval_step(objective.apply, objective.loss),
@@ -427,13 +454,13 @@ def run(config, workdir: str) -> dict[str, float]:
             check_nonfinite(done)
             if not distributed.fetch(_all_finite(state["params"])):
                 diverged(done, "the parameters are not finite")
-            manager.save(
-                done,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(source.get_state()),
-                ),
+            items = dict(
+                state=ocp.args.StandardSave(saved(state)),
+                data=ocp.args.JsonSave(source.get_state()),
             )
+            if adapters_only:
+                items["base"] = ocp.args.JsonSave({"fingerprint": base_fingerprint})
+            manager.save(done, args=ocp.args.Composite(**items))
 
         with stop_requests() as stop_signal:
             for step in range(start, config.num_steps):

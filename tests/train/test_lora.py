@@ -2,6 +2,9 @@
 loaded on its own, and the PEFT export loads in `peft` with equal logits and imports back
 bit-exactly."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from experiments.configs import sft
 from nemotron_jax import artifact, checkpoint, sharding
+from nemotron_jax.errors import ConfigError
 from nemotron_jax.experiment import run_experiment
 from nemotron_jax.models import lora
 from nemotron_jax.models.llama import Llama
@@ -37,6 +41,33 @@ def test_resume_is_exact(runs, tmp_path):
     a, b = _train_losses(root / "lora"), _train_losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(a[s] == b[s] for s in a), (a, b)
+
+
+def test_checkpoints_hold_no_frozen_base(runs):
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    root, _, _ = runs
+    step = root / "lora" / "checkpoints" / "4"
+    saved = ocp.StandardCheckpointer().restore(step / "state")["params"]
+    paths = list(traverse_util.flatten_dict(saved))
+    assert paths and all(lora.is_trainable(p) for p in paths), paths
+    assert any(lora.is_adapter(p) for p in paths)
+    frozen = lora.split(artifact.load(root / "lora" / "params").params)[1]
+    fingerprint = json.loads((step / "base" / "metadata").read_text())["fingerprint"]
+    assert fingerprint == int(lora.fingerprint(frozen))
+
+
+def test_resume_on_another_base_fails_naming_the_key(runs, tmp_path):
+    root, arg, changes = runs
+    shutil.copytree(root / "base" / "params", tmp_path / "base")
+    short = {**changes, "init_from": str(tmp_path / "base"), "num_steps": 2}
+    run_experiment(_smoke(sft, arg, **short), str(tmp_path / "run"))
+    run_experiment(_smoke(sft, seed=7), str(tmp_path / "other"))  # another base, same path
+    shutil.rmtree(tmp_path / "base")
+    shutil.copytree(tmp_path / "other" / "params", tmp_path / "base")
+    with pytest.raises(ConfigError, match=r"config\.init_from .* the frozen base differs"):
+        run_experiment(_smoke(sft, arg, **{**short, "num_steps": 4}), str(tmp_path / "run"))
 
 
 def test_adapters_off_reference_equals_the_base_loaded_alone(runs):
