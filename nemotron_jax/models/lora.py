@@ -111,23 +111,24 @@ def count(params) -> tuple[int, int]:
 
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
-# Odd multipliers (one per axis, the leaf's place) mixing positions and leaves into the sum.
-_MIX = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C | 1)
+# Multipliers of each axis's coordinate in a position's weight.
+_MIX = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646D)
 
 
 @jax.jit
 def fingerprint(params) -> jax.Array:
-    """A uint32 of every bit of every leaf and its position (sums mod 2**32 of the leaves' bit
-    patterns times position weights): the same for the same tree on any mesh or device count,
-    since integer sums wrap exactly in any order. LoRA checkpoints hold no frozen base; a
-    resumed run rebuilds it and compares this to tell that it is the base it trained on."""
+    """A uint32 of every bit of every leaf and its position: the sum mod 2**32 of each leaf's
+    bit patterns times odd position weights. The same for the same tree on any mesh or device
+    count, since integer sums wrap exactly in any order; any one changed bit changes it (2**k
+    times an odd weight is never 0 mod 2**32). LoRA checkpoints hold no frozen base: a resumed
+    run rebuilds it and compares this to tell that it is the base it trained on."""
     total = jnp.uint32(0)
     for i, x in enumerate(jax.tree.leaves(params)):
         bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
-        weight = jnp.uint32(1)
+        mixed = jnp.zeros(bits.shape, jnp.uint32)
         for axis in range(bits.ndim):
             place = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
-            weight = weight + place * jnp.uint32(_MIX[axis % len(_MIX)])
-        leaf = jnp.sum(bits * weight, dtype=jnp.uint32)
+            mixed = mixed + place * jnp.uint32(_MIX[axis % len(_MIX)])
+        leaf = jnp.sum(bits * (2 * mixed + 1), dtype=jnp.uint32)
         total = total + leaf * jnp.uint32(2 * i + 1) + jnp.uint32(i)
     return total

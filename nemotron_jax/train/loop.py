@@ -159,6 +159,18 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+# Running sums carried through one computation each: every update depends on the last, so
+# they run in order instead of piling up as independent multi-device computations.
+@jax.jit
+def _add_trees(total, more):
+    return jax.tree.map(jnp.add, total, more)
+
+
+@jax.jit
+def _add_tokens(total, attention_mask) -> jax.Array:
+    return total + jnp.sum(attention_mask, dtype=jnp.int32)
+
+
 @contextlib.contextmanager
 def stop_requests():
     """While training: SIGTERM or SIGINT asks the loop to stop after the current step (it then
@@ -346,7 +358,6 @@ def run(config, workdir: str) -> dict[str, float]:
     if start is not None:
         check_resume(workdir, config, start)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        base_fingerprint = None
         if start is not None:
             items = dict(
                 state=ocp.args.StandardRestore(saved(abstract_state)), data=ocp.args.JsonRestore()
@@ -357,13 +368,14 @@ def run(config, workdir: str) -> dict[str, float]:
             state = restored.state
             if adapters_only:
                 frozen = lora.split(initial_state(announce=False)["params"])[1]
-                base_fingerprint = int(distributed.fetch(lora.fingerprint(frozen)))
-                if base_fingerprint != restored.base["fingerprint"]:
+                if int(distributed.fetch(lora.fingerprint(frozen))) != restored.base["fingerprint"]:
+                    # PPO's critic base comes from the reward model.
+                    keys = "config.init_from" + (" or config.rm_from" if "critic" in frozen else "")
                     raise ConfigError(
-                        f"config.init_from {config.init_from}: the frozen base differs from "
-                        f"the one that {workdir}/checkpoints step {start} was trained on "
-                        f"(LoRA checkpoints hold only the adapters and heads); give that base "
-                        f"back, or train in a new workdir"
+                        f"{keys} ({config.init_from}): the frozen base differs from the one "
+                        f"that {workdir}/checkpoints step {start} was trained on (LoRA "
+                        f"checkpoints hold only the adapters and heads); give that base back, "
+                        f"or train in a new workdir"
                     )
                 state = {**state, "params": lora.combine(state["params"], frozen)}
             source.set_state(restored.data)
@@ -374,7 +386,7 @@ def run(config, workdir: str) -> dict[str, float]:
             state = initial_state(announce=True)
             record_config(workdir, config, None)
             start = 0
-        if adapters_only and base_fingerprint is None:
+        if adapters_only:  # saved with every step; the base never changes
             frozen = lora.split(state["params"])[1]
             base_fingerprint = int(distributed.fetch(lora.fingerprint(frozen)))
 
@@ -384,6 +396,8 @@ def run(config, workdir: str) -> dict[str, float]:
             out_shardings=replicated,
         )
 
+        eval_zeros = []
+
         def evaluate(params) -> dict[str, float]:
             if data.evaluate is not None:
                 return data.evaluate(params)
@@ -391,8 +405,9 @@ def run(config, workdir: str) -> dict[str, float]:
             for batch in data.eval_batches:  # whole batches: each process places its rows
                 batch = distributed.put_global(batch, batch_sharding)
                 if total is None:
-                    zeros = zero_sums(objective.apply, objective.loss, params, batch)
-                    total = distributed.put_global(zeros, replicated)
+                    if not eval_zeros:  # traced once: every eval batch has the same shapes
+                        eval_zeros.append(zero_sums(objective.apply, objective.loss, params, batch))
+                    total = distributed.put_global(eval_zeros[0], replicated)
                 total = eval_step(params, batch, total)
             return finish_metrics(distributed.fetch(total)) if total is not None else {}
 
@@ -409,8 +424,9 @@ def run(config, workdir: str) -> dict[str, float]:
             disable=not (config.progress and primary),
         )
         last_eval: dict[str, float] = {}
-        # Real tokens of each batch since the last log, summed on the device: no per-step host sync.
-        token_counts, t0 = [], time.perf_counter()
+        # Real tokens since the last log, summed on the device: no per-step host sync.
+        no_tokens = distributed.put_global(np.zeros((), np.int32), replicated)
+        tokens, t0 = no_tokens, time.perf_counter()
         warned_lost_updates = False
 
         def diverged(done, what):
@@ -452,7 +468,7 @@ def run(config, workdir: str) -> dict[str, float]:
         def save(done, state):  # the state and the data iterator's position, as one step
             # One reduction per save: a non-finite state is never checkpointed.
             check_nonfinite(done)
-            if not distributed.fetch(_all_finite(state["params"])):
+            if not distributed.fetch(_all_finite(saved(state)["params"])):
                 diverged(done, "the parameters are not finite")
             items = dict(
                 state=ocp.args.StandardSave(saved(state)),
@@ -471,10 +487,10 @@ def run(config, workdir: str) -> dict[str, float]:
                     # This process's rows (numpy) into one global batch; a rollout's minibatches
                     # already are global arrays on batch_sharding.
                     batch = distributed.global_batch(batch, batch_sharding)
-                    token_counts.append(jnp.sum(batch["attention_mask"]))
+                    tokens = _add_tokens(tokens, batch["attention_mask"])
                     state, m = train_step(state, batch)
                     note_nonfinite(m, step + 1)
-                    metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+                    metrics = m if metrics is None else _add_trees(metrics, m)
                 if produced:  # an online step: time its updates too
                     jax.block_until_ready(state)
                     produced["time_update"] = time.perf_counter() - t_update
@@ -496,9 +512,9 @@ def run(config, workdir: str) -> dict[str, float]:
                     if not np.isfinite(metrics["loss"]) and config.nan_policy == "stop":
                         diverged(done, f"the loss is {metrics['loss']}")
                     elapsed = time.perf_counter() - t0
-                    tokens_seen = sum(int(n) for n in distributed.fetch(token_counts))
+                    tokens_seen = int(distributed.fetch(tokens))
                     metrics["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
-                    token_counts, t0 = [], time.perf_counter()
+                    tokens, t0 = no_tokens, time.perf_counter()
                     writer.write(done, "train", metrics)
                     bar.set_postfix(
                         {k: f"{metrics[k]:.3g}" for k in objective.progress_keys if k in metrics}

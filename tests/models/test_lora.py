@@ -114,3 +114,29 @@ def test_a_checkpoint_of_another_base_fails_naming_the_key(tmp_path):
         ConfigError, match=r"init_from .*base model differs .*num_layers \(1 vs 2\)"
     ):
         run_experiment(config, str(tmp_path / "run"))
+
+
+def test_fingerprint_sees_every_bit_and_not_the_mesh():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "b": rng.standard_normal(4).astype(jnp.bfloat16),
+        "w": rng.standard_normal((2, 4)).astype(np.float32),
+    }
+    original = int(lora.fingerprint(tree))
+    for name, x in tree.items():
+        bits = x.view(np.uint32 if x.itemsize == 4 else np.uint16)
+        for i in range(bits.size):
+            for k in range(8 * x.itemsize):
+                flipped = bits.copy()
+                flipped.flat[i] ^= 1 << k
+                changed = {**tree, name: flipped.view(x.dtype)}
+                assert int(lora.fingerprint(changed)) != original, (name, i, k)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    sharded = {
+        "b": jax.device_put(tree["b"], NamedSharding(mesh, P("a"))),
+        "w": jax.device_put(tree["w"], NamedSharding(mesh, P("b", "a"))),
+    }
+    assert int(lora.fingerprint(sharded)) == original
