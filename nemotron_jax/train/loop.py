@@ -84,6 +84,7 @@ class Training:
         grad_accum: micro-batches per optimizer update.
         train_step: `(state, batch) -> (state, metrics)`, jitted with in/out shardings and
             donated state.
+        adapters_only: LoRA: only the adapters (and a head) train; the rest is a frozen base.
     """
 
     tx: optax.GradientTransformation
@@ -93,6 +94,7 @@ class Training:
     batch_sharding: NamedSharding
     grad_accum: int
     train_step: Any
+    adapters_only: bool
 
 
 def grad_accum(config, mesh) -> int:
@@ -150,7 +152,14 @@ def build_training(config, objective, mesh, rules, total_updates: int) -> Traini
         donate_argnames=("state",),
     )
     return Training(
-        tx, init_state, abstract_state, state_sharding, batch_sharding, accum, train_step
+        tx,
+        init_state,
+        abstract_state,
+        state_sharding,
+        batch_sharding,
+        accum,
+        train_step,
+        adapters_only,
     )
 
 
@@ -335,7 +344,7 @@ def run(config, workdir: str) -> dict[str, float]:
     # With LoRA a checkpoint holds the adapters, heads and optimizer state but not the frozen
     # base (for a 70B base, 140 GB less per save): a resume rebuilds the base as step 0 built it
     # (seed, then init_from) and checks its fingerprint against the one saved with the step.
-    adapters_only = objective.model_config.lora_rank > 0
+    adapters_only = training.adapters_only
 
     def saved(tree):  # the part of the state (or its abstract shapes) that a checkpoint holds
         return {**tree, "params": lora.split(tree["params"])[0]} if adapters_only else tree
@@ -354,6 +363,9 @@ def run(config, workdir: str) -> dict[str, float]:
                 print(f"initialised parameters from {config.init_from}")
         return state
 
+    def base_fingerprint_of(params) -> int:
+        return int(distributed.fetch(lora.fingerprint(lora.split(params)[1])))
+
     start = manager.latest_step()
     if start is not None:
         check_resume(workdir, config, start)
@@ -367,28 +379,30 @@ def run(config, workdir: str) -> dict[str, float]:
             start, restored = restore_intact(manager, ocp.args.Composite(**items))
             state = restored.state
             if adapters_only:
-                frozen = lora.split(initial_state(announce=False)["params"])[1]
-                if int(distributed.fetch(lora.fingerprint(frozen))) != restored.base["fingerprint"]:
+                rebuilt = initial_state(announce=False)["params"]
+                base_fingerprint = base_fingerprint_of(rebuilt)
+                if base_fingerprint != restored.base["fingerprint"]:
                     # PPO's critic base comes from the reward model.
-                    keys = "config.init_from" + (" or config.rm_from" if "critic" in frozen else "")
+                    keys = "config.init_from" + (
+                        " or config.rm_from" if "critic" in rebuilt else ""
+                    )
                     raise ConfigError(
                         f"{keys} ({config.init_from}): the frozen base differs from the one "
                         f"that {workdir}/checkpoints step {start} was trained on (LoRA "
                         f"checkpoints hold only the adapters and heads); give that base back, "
                         f"or train in a new workdir"
                     )
-                state = {**state, "params": lora.combine(state["params"], frozen)}
+                state = {**state, "params": lora.combine(state["params"], lora.split(rebuilt)[1])}
             source.set_state(restored.data)
             if primary:
                 print(f"resumed from {workdir}/checkpoints step {start}")
             record_config(workdir, config, start)
         else:
             state = initial_state(announce=True)
+            if adapters_only:  # saved with every step: the base never changes
+                base_fingerprint = base_fingerprint_of(state["params"])
             record_config(workdir, config, None)
             start = 0
-        if adapters_only:  # saved with every step; the base never changes
-            frozen = lora.split(state["params"])[1]
-            base_fingerprint = int(distributed.fetch(lora.fingerprint(frozen)))
 
         eval_step = jax.jit(
             make_eval_step(objective.apply, objective.loss),
@@ -468,10 +482,11 @@ def run(config, workdir: str) -> dict[str, float]:
         def save(done, state):  # the state and the data iterator's position, as one step
             # One reduction per save: a non-finite state is never checkpointed.
             check_nonfinite(done)
-            if not distributed.fetch(_all_finite(saved(state)["params"])):
+            kept = saved(state)
+            if not distributed.fetch(_all_finite(kept["params"])):
                 diverged(done, "the parameters are not finite")
             items = dict(
-                state=ocp.args.StandardSave(saved(state)),
+                state=ocp.args.StandardSave(kept),
                 data=ocp.args.JsonSave(source.get_state()),
             )
             if adapters_only:
